@@ -1,0 +1,70 @@
+"""higgs-patch: versioned, gated, reversible run-time fixes that make Higgs Audio v2 train.
+
+    import higgs_patch
+    higgs_patch.apply()      # before or after boson_multimodal / transformers are imported
+
+Importing this package imports neither torch, transformers nor boson_multimodal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .engine import PatchStatus, apply, revert, status
+from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, PatchError
+
+if TYPE_CHECKING:
+    from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
+    from .loss import HiggsAudioLoss, higgs_audio_loss
+
+# Imported on first use, so that ``import higgs_patch`` does not import torch.
+_LAZY = {
+    "higgs_audio_loss": "higgs_patch.loss",
+    "HiggsAudioLoss": "higgs_patch.loss",
+    "audio_index_counts": "higgs_patch.fixes.collator_audio_index",
+    "AudioIndexCounts": "higgs_patch.fixes.collator_audio_index",
+}
+
+try:
+    __version__ = importlib.metadata.version("higgs-patch")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+    __version__ = "0+unknown"
+
+__all__ = [
+    "AudioIndexCounts",
+    "AudioIndexError",
+    "DeclarationError",
+    "HiggsAudioLoss",
+    "IncompatibleUpstreamError",
+    "PatchError",
+    "PatchStatus",
+    "apply",
+    "applied",
+    "audio_index_counts",
+    "higgs_audio_loss",
+    "revert",
+    "status",
+    "__version__",
+]
+
+
+@contextlib.contextmanager
+def applied(*ids: str, force: bool = False, **options: Any) -> Iterator[tuple[PatchStatus, ...]]:
+    """Apply inside the block, revert after it what this call applied (not what was applied before)."""
+    before = {s.id for s in status() if s.state in ("applied", "pending")}
+    report = apply(*ids, force=force, **options)
+    try:
+        yield report
+    finally:
+        fresh = [s.id for s in report if s.id not in before]
+        if fresh:
+            revert(*fresh)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'higgs_patch' has no attribute {name!r}")

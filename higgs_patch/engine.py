@@ -1,0 +1,221 @@
+"""apply / revert / status: the lifecycle of declared patches, symmetric and idempotent.
+
+A patch whose module is already imported is gated and installed at once; otherwise a wrapt
+post-import hook does it when the module is imported, and the patch is ``pending`` until then.
+wrapt cannot deregister hooks, so each hook carries the generation of the request that made it
+and does nothing if that request was reverted meanwhile.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal, Mapping
+
+import wrapt
+
+from . import declarations, gate
+from .declarations import Declaration
+from .errors import PatchError
+from .slots import Layer, Slot
+
+log = logging.getLogger("higgs_patch")
+
+State = Literal["applied", "pending", "not-applied", "incompatible"]
+
+
+@dataclass(frozen=True)
+class PatchStatus:
+    id: str
+    version: str
+    state: State
+    reason: str
+    default: bool
+    summary: str
+    targets: tuple[str, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Record:
+    state: State = "not-applied"
+    reason: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0
+    layers: list[tuple[Slot, Layer]] = field(default_factory=list)
+
+
+_lock = threading.RLock()
+_records: dict[str, _Record] = {}
+_slots: dict[str, Slot] = {}
+_declarations: dict[str, Declaration] | None = None
+
+
+def known() -> dict[str, Declaration]:
+    global _declarations
+    if _declarations is None:
+        _declarations = declarations.load_all()
+    return _declarations
+
+
+def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, ...]:
+    """Apply the named patches (all default ones when none are named); atomic across the call."""
+    with _lock:
+        selected = _select(ids, default_only=True)
+        per_patch = _split_options(selected, options)
+        done: list[str] = []
+        try:
+            for declaration in selected:
+                if _request(declaration, per_patch[declaration.id], force):
+                    done.append(declaration.id)
+        except Exception as exc:
+            for patch_id in reversed(done):
+                _revert_one(patch_id)
+            failed = declaration.id
+            if isinstance(exc, PatchError):
+                raise
+            raise PatchError(f"patch {failed!r} failed while applying, nothing of this call is applied: {exc}") from exc
+        return tuple(_status(d) for d in selected)
+
+
+def revert(*ids: str) -> tuple[PatchStatus, ...]:
+    """Revert the named patches (everything this process applied when none are named)."""
+    with _lock:
+        selected = _select(ids, default_only=False)
+        for declaration in selected:
+            _revert_one(declaration.id)
+        return tuple(_status(d) for d in selected)
+
+
+def status() -> tuple[PatchStatus, ...]:
+    with _lock:
+        return tuple(_status(d) for d in known().values())
+
+
+def _select(ids: tuple[str, ...], default_only: bool) -> list[Declaration]:
+    table = known()
+    unknown = [patch_id for patch_id in ids if patch_id not in table]
+    if unknown:
+        raise PatchError(f"unknown patch id(s) {unknown}; known: {sorted(table)}")
+    if ids:
+        return [table[patch_id] for patch_id in dict.fromkeys(ids)]
+    return [d for d in table.values() if d.default or not default_only]
+
+
+def _split_options(selected: list[Declaration], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    accepted = {name: d.id for d in selected for name in d.options}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise PatchError(
+            f"unknown option(s) {unknown} for patches {[d.id for d in selected]}; known options: {sorted(accepted)}"
+        )
+    return {d.id: {**d.options, **{k: v for k, v in options.items() if accepted[k] == d.id}} for d in selected}
+
+
+def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> bool:
+    """Apply one patch now or when its module is imported; False if it already was."""
+    record = _records.setdefault(declaration.id, _Record())
+    if record.state in ("applied", "pending"):
+        if record.options != options:
+            raise PatchError(
+                f"patch {declaration.id!r} is already {record.state} with options {record.options}; "
+                f"revert it before applying it with {options}"
+            )
+        log.debug("patch %s is already %s; nothing to do", declaration.id, record.state)
+        return False
+    try:
+        warnings = gate.require_stack(declaration, force)
+    except PatchError as exc:
+        _refuse(declaration, record, exc)
+        raise
+    record.options = options
+    record.generation += 1
+    module = sys.modules.get(declaration.module)
+    if module is not None:
+        _install(declaration, record, module, force, warnings)
+    else:
+        record.state, record.reason = "pending", f"waiting for {declaration.module} to be imported"
+        wrapt.register_post_import_hook(_hook(declaration, record.generation, force, warnings), declaration.module)
+        log.info("patch %s %s pending until %s is imported", declaration.id, declaration.version, declaration.module)
+    return True
+
+
+def _hook(declaration: Declaration, generation: int, force: bool, warnings: list[str]):
+    def on_import(module: ModuleType) -> None:
+        with _lock:
+            record = _records[declaration.id]
+            if record.state != "pending" or record.generation != generation:
+                return  # reverted (or re-requested) since this hook was registered
+            _install(declaration, record, module, force, warnings)
+
+    return on_import
+
+
+def _install(declaration: Declaration, record: _Record, module: ModuleType, force: bool, warnings: list[str]) -> None:
+    try:
+        warnings = warnings + gate.require_known_code(declaration, module, force)
+    except PatchError as exc:
+        _refuse(declaration, record, exc)
+        raise
+    for message in warnings:
+        log.warning("%s", message)
+    try:
+        for target in declaration.targets:
+            slot = _slots.get(target.path)
+            if slot is None:
+                slot = _slots[target.path] = Slot(target.path, module, target.qualname)
+            layer = _factory(target.wrapper)(slot.original, record.options)
+            slot.add(layer)
+            record.layers.append((slot, layer))
+    except Exception:
+        _remove_layers(record)
+        record.state, record.reason = "not-applied", "failed while installing"
+        raise
+    record.state = "applied"
+    record.reason = "forced over unrecognised upstream" if warnings else ""
+    log.info("patch %s %s applied to %s", declaration.id, declaration.version, ", ".join(t.path for t in declaration.targets))
+
+
+def _refuse(declaration: Declaration, record: _Record, exc: Exception) -> None:
+    record.state, record.reason = "incompatible", str(exc)
+    log.info("patch %s %s refused: %s", declaration.id, declaration.version, exc)
+
+
+def _factory(dotted: str):
+    module_name, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _revert_one(patch_id: str) -> None:
+    record = _records.get(patch_id)
+    if record is None or record.state not in ("applied", "pending"):
+        return
+    record.generation += 1
+    _remove_layers(record)
+    record.state, record.reason = "not-applied", ""
+    log.info("patch %s reverted", patch_id)
+
+
+def _remove_layers(record: _Record) -> None:
+    for slot, layer in reversed(record.layers):
+        if slot.remove(layer):
+            del _slots[slot.path]
+    record.layers.clear()
+
+
+def _status(declaration: Declaration) -> PatchStatus:
+    record = _records.get(declaration.id, _Record())
+    return PatchStatus(
+        id=declaration.id,
+        version=str(declaration.version),
+        state=record.state,
+        reason=record.reason,
+        default=declaration.default,
+        summary=declaration.summary,
+        targets=tuple(t.path for t in declaration.targets),
+        options=dict(record.options or declaration.options),
+    )

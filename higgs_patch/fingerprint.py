@@ -1,0 +1,90 @@
+"""AST fingerprints: what identifies the code we patch when neither version nor bytes can.
+
+The registry wheels ship CRLF files, a git checkout has LF and reports an older version. A
+fingerprint is a hash of the syntax tree, so line endings, formatting, comments and docstrings do
+not change it, and any change to the code does. It is serialised field by field, leaving out empty
+fields, so Python versions that add new (empty) AST fields give the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import os
+from types import ModuleType
+
+PREFIX = "ast1:"
+
+
+def of_source(source: str | bytes, qualname: str) -> str:
+    """Fingerprint of ``qualname`` in a module's source, or of the whole module if not defined there.
+
+    A target the module only imports (the collator's ``torch``) is fingerprinted by the whole module:
+    what such a patch changes is how every line of that module uses it.
+    """
+    if isinstance(source, bytes):
+        source = importlib.util.decode_source(source)
+    tree = ast.parse(source)
+    node = _find(tree, qualname.split(".")) or tree
+    digest = hashlib.sha256(repr(_canonical(node)).encode("utf-8")).hexdigest()
+    return PREFIX + digest[:24]
+
+
+def of_file(path: str, qualname: str) -> str:
+    stat = os.stat(path)
+    return _of_file_cached(path, qualname, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _of_file_cached(path: str, qualname: str, _mtime: int, _size: int) -> str:
+    with open(path, "rb") as handle:
+        return of_source(handle.read(), qualname)
+
+
+def source_file(module: ModuleType | str) -> str:
+    """The file a module is (or would be) loaded from, without importing it."""
+    if isinstance(module, str):
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec else None
+    else:
+        origin = getattr(module.__spec__, "origin", None) or getattr(module, "__file__", None)
+    if not origin or not os.path.isfile(origin):
+        raise FileNotFoundError(f"no source file for module {module!r}")
+    return origin
+
+
+def _find(tree: ast.AST, path: list[str]) -> ast.AST | None:
+    node = tree
+    for name in path:
+        for child in getattr(node, "body", []):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and child.name == name:
+                node = child
+                break
+        else:
+            return None
+    return node
+
+
+def _canonical(node: object) -> object:
+    if isinstance(node, ast.AST):
+        fields = []
+        for name, value in ast.iter_fields(node):
+            if name == "body" and _has_docstring(node):
+                value = value[1:]
+            if value is None or value == [] or name in ("type_comment", "kind"):
+                continue
+            fields.append((name, _canonical(value)))
+        return (type(node).__name__, tuple(fields))
+    if isinstance(node, list):
+        return tuple(_canonical(item) for item in node)
+    return repr(node)
+
+
+def _has_docstring(node: ast.AST) -> bool:
+    if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    body = node.body
+    return bool(body) and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+        and isinstance(body[0].value.value, str)

@@ -1,0 +1,103 @@
+"""The gate: before a patch touches anything, check that the stack and the code are ones we know.
+
+Two checks, both pure reads: the installed distributions against the declaration's PEP 440
+requirements, and the AST fingerprint of every fingerprinted target against ``compat/``. A missing
+distribution is a conflict, not a pass. Unknown code is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from . import environment, fingerprint, upstream
+from .declarations import Declaration
+from .errors import IncompatibleUpstreamError
+
+OVERRIDE_HINT = f"pass force=True to apply(), or set {environment.FORCE}=1, to patch it anyway"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A distribution that does not meet a declaration's requirement, in OpenTelemetry's words."""
+
+    distribution: str
+    requested: str
+    found: str | None
+
+    def __str__(self) -> str:
+        found = f'"{self.distribution} {self.found}"' if self.found else "nothing (not installed)"
+        return f'requested: "{self.distribution} {self.requested}" but found: {found}'
+
+
+@dataclass(frozen=True)
+class CodeCheck:
+    """The fingerprint of one target as installed, and what compat/ knows of it."""
+
+    target: str
+    file: str
+    found: str
+    known: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def matches(self) -> bool:
+        return self.found in self.known
+
+    @property
+    def releases(self) -> list[str]:
+        return self.known.get(self.found, [])
+
+    def __str__(self) -> str:
+        if self.matches:
+            return f"{self.target}: {self.found} (matches {', '.join(self.releases)})"
+        known = ", ".join(f"{fp} ({', '.join(names)})" for fp, names in self.known.items()) or "none"
+        return f"{self.target} read from {self.file}: fingerprint {self.found} is unknown; known: {known}"
+
+
+def conflicts(declaration: Declaration) -> list[Conflict]:
+    found = []
+    for distribution, spec in declaration.requires.items():
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            found.append(Conflict(distribution, str(spec), None))
+            continue
+        if not spec.contains(version, prereleases=True):
+            found.append(Conflict(distribution, str(spec), version))
+    return found
+
+
+def code_checks(declaration: Declaration, module: ModuleType | str) -> list[CodeCheck]:
+    """Fingerprint every target of the declaration that compat/ says must match (module need not be imported)."""
+    knowledge = upstream.knowledge()
+    checks = []
+    for target in declaration.targets:
+        if not knowledge.must_match(target.path):
+            continue
+        path = fingerprint.source_file(module)
+        checks.append(
+            CodeCheck(target.path, path, fingerprint.of_file(path, target.qualname), knowledge.known(target.path))
+        )
+    return checks
+
+
+def require_stack(declaration: Declaration, force: bool) -> list[str]:
+    """Raise unless the stack meets the declaration; return the warnings a forced pass carries."""
+    problems = [str(conflict) for conflict in conflicts(declaration)]
+    return _verdict(declaration, "the installed stack does not meet its requirements", problems, force)
+
+
+def require_known_code(declaration: Declaration, module: ModuleType, force: bool) -> list[str]:
+    """Raise unless every fingerprinted target is known code; return the warnings a forced pass carries."""
+    problems = [str(check) for check in code_checks(declaration, module) if not check.matches]
+    return _verdict(declaration, "its target code is not a known upstream release", problems, force)
+
+
+def _verdict(declaration: Declaration, what: str, problems: list[str], force: bool) -> list[str]:
+    if not problems:
+        return []
+    message = f"patch {declaration.id!r} refused: {what}:\n  " + "\n  ".join(problems)
+    if force or environment.flag(environment.FORCE):
+        return [message.replace("refused", "forced", 1)]
+    raise IncompatibleUpstreamError(f"{message}\n{OVERRIDE_HINT}.")

@@ -1,0 +1,149 @@
+"""The Higgs Audio training loss, as one public function the Trainer hook and user code share.
+
+Labels are aligned with inputs, not shifted: logits at t predict the token at t + 1, for text
+(``expanded_labels``) and for audio (``label_audio_ids`` along the concatenated audio-out stream,
+where every segment starts with -100, so one shift never crosses into the next segment). We shift
+the labels, never the logits: slicing then reshaping, or boolean-mask indexing, would copy logits
+that are gigabytes at training lengths. All codebooks are scored in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("higgs_patch")
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class HiggsAudioLoss:
+    """The loss to back-propagate and its components (detached, for logging).
+
+    A component is None when the batch supervises none of its tokens.
+    """
+
+    loss: torch.Tensor
+    text: torch.Tensor | None
+    audio: torch.Tensor | None
+    audio_per_codebook: torch.Tensor | None
+    text_tokens: int
+    audio_tokens: int
+
+    def components(self) -> dict[str, float]:
+        """The components as plain numbers, named as they appear in the Trainer's logs."""
+        found: dict[str, float] = {}
+        if self.text is not None:
+            found["text_loss"] = float(self.text)
+        if self.audio is not None:
+            found["audio_loss"] = float(self.audio)
+            for index, value in enumerate(self.audio_per_codebook.tolist()):
+                if value == value:  # NaN marks a codebook without supervised tokens
+                    found[f"audio_loss_cb{index}"] = value
+        return found
+
+
+def higgs_audio_loss(
+    outputs: Any,
+    batch: Any,
+    *,
+    text_loss_weight: float | None = None,
+    audio_loss_weight: float | None = None,
+) -> HiggsAudioLoss:
+    """Cross-entropy of a ``HiggsAudioModel`` output against the batch it was computed from.
+
+    ``outputs`` is the model's output (it must carry ``expanded_labels`` whenever the batch has
+    ``label_ids``); ``batch`` is the collated batch, a mapping or upstream's ``HiggsAudioBatchInput``.
+    The total is the mean of the components that have supervised tokens; with either weight given it
+    is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a missing
+    weight counts 1). With no supervised token at all the loss is an exact zero, still connected to
+    the graph, and a warning is logged.
+    """
+    text_sum, text_count = _text_terms(outputs, batch)
+    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch)
+    text_tokens, audio_tokens = (int(n) for n in torch.stack([text_count, audio_count]).tolist())
+
+    text = text_sum / text_tokens if text_tokens else None
+    audio = audio_sum / audio_tokens if audio_tokens else None
+    present = [c for c in (text, audio) if c is not None]
+    if not present:
+        log.warning("(no-supervised-tokens) batch has no supervised text or audio token; its loss is 0")
+        total = text_sum + audio_sum  # exact zeros, connected to the graph
+    elif text_loss_weight is None and audio_loss_weight is None:
+        total = sum(present) / len(present)
+    else:
+        weights = (1.0 if text_loss_weight is None else text_loss_weight,
+                   1.0 if audio_loss_weight is None else audio_loss_weight)
+        total = sum(w * c for w, c in zip(weights, (text, audio)) if c is not None)
+    return HiggsAudioLoss(
+        loss=total,
+        text=None if text is None else text.detach(),
+        audio=None if audio is None else audio.detach(),
+        audio_per_codebook=None if audio is None else per_codebook.detach(),
+        text_tokens=text_tokens,
+        audio_tokens=audio_tokens,
+    )
+
+
+def field(container: Any, name: str) -> Any:
+    if isinstance(container, Mapping):
+        return container.get(name)
+    return getattr(container, name, None)
+
+
+def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = field(outputs, "logits")
+    labels = field(outputs, "expanded_labels")
+    if labels is None:
+        if field(batch, "label_ids") is not None or field(batch, "labels") is not None:
+            raise ValueError(
+                "the batch has text labels but the model output has no expanded_labels: the model was "
+                "called without label_ids. Pass label_ids (or labels, with the forward-kwargs-filter patch)."
+            )
+        return _zero(logits), torch.zeros((), dtype=torch.long, device=logits.device)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    total = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    logits = field(outputs, "audio_logits")
+    labels = field(batch, "label_audio_ids")
+    if logits is None or labels is None or labels.numel() == 0 or logits.shape[0] == 0:
+        anchor = field(outputs, "logits")
+        return _zero(anchor), torch.zeros((), dtype=torch.long, device=anchor.device), None
+    labels = labels.to(logits.device)
+    if labels.shape != (logits.shape[1], logits.shape[0]):
+        raise ValueError(
+            f"label_audio_ids has shape {tuple(labels.shape)} but audio_logits {tuple(logits.shape)} needs "
+            f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}"
+        )
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].t()  # (tokens, codebooks)
+    losses = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+    supervised = targets != IGNORE_INDEX
+    per_codebook = losses.sum(0) / supervised.sum(0)  # NaN where a codebook has no supervised token
+    return losses.sum(), supervised.sum(), per_codebook
+
+
+def _zero(tensor: torch.Tensor) -> torch.Tensor:
+    """An exact zero in the graph of ``tensor``: the sum of an empty view (no copy, no NaN * 0)."""
+    return tensor.flatten()[:0].sum()
+
+
+def as_kwargs(batch: Any) -> dict[str, Any]:
+    """A fresh dict of the batch's fields, from a mapping or a dataclass such as HiggsAudioBatchInput."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    raise TypeError(f"expected a mapping or upstream's HiggsAudioBatchInput, got {type(batch).__name__}")
