@@ -1,0 +1,397 @@
+"""The engine on the real upstream: apply, revert, status, stacking, atomicity, the gate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import wrapt
+from packaging.specifiers import SpecifierSet
+
+import higgs_patch
+from higgs_patch import declarations, engine, fingerprint
+from higgs_patch.slots import Slot
+
+import boson_multimodal.data_collator.higgs_audio_collator as collator_module
+import boson_multimodal.model.higgs_audio.modeling_higgs_audio as modeling
+import transformers.trainer
+
+Collator = collator_module.HiggsAudioSampleCollator
+Model = modeling.HiggsAudioModel
+ORIGINALS = {
+    "forward": Model.__dict__["forward"],
+    "__call__": Collator.__dict__["__call__"],
+    "torch": collator_module.torch,
+    "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
+    "log": transformers.trainer.Trainer.__dict__["log"],
+}
+FORWARD = "boson_multimodal.model.higgs_audio.modeling_higgs_audio:HiggsAudioModel.forward"
+CALL = "boson_multimodal.data_collator.higgs_audio_collator:HiggsAudioSampleCollator.__call__"
+
+
+def current() -> dict[str, object]:
+    return {
+        "forward": Model.__dict__["forward"],
+        "__call__": Collator.__dict__["__call__"],
+        "torch": collator_module.torch,
+        "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
+        "log": transformers.trainer.Trainer.__dict__["log"],
+    }
+
+
+def originals_back() -> bool:
+    return all(current()[name] is original for name, original in ORIGINALS.items())
+
+
+def states() -> dict[str, str]:
+    return {s.id: s.state for s in higgs_patch.status()}
+
+
+def run_python(code: str, *, pythonpath: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **(env or {})}
+    if pythonpath:
+        environ["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environ, timeout=300
+    )
+
+
+# --- apply / revert / status ------------------------------------------------------------------------
+
+
+def test_apply_wraps_every_default_target_and_revert_restores_the_originals_by_identity():
+    report = higgs_patch.apply()
+    assert {s.id for s in report} == {s.id for s in higgs_patch.status() if s.default}
+    assert all(s.state == "applied" for s in report)
+    assert all(current()[name] is not original for name, original in ORIGINALS.items())
+    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS["forward"]
+
+    reverted = higgs_patch.revert()
+    assert all(s.state == "not-applied" for s in reverted)
+    assert originals_back()
+
+
+def test_a_subset_applies_only_the_named_patch():
+    higgs_patch.apply("forward-kwargs-filter")
+    assert states()["forward-kwargs-filter"] == "applied"
+    assert {pid for pid, state in states().items() if state != "not-applied"} == {"forward-kwargs-filter"}
+    assert Collator.__dict__["__call__"] is ORIGINALS["__call__"]
+    higgs_patch.revert("forward-kwargs-filter")
+    assert originals_back()
+
+
+def test_applied_context_reverts_what_it_applied_and_keeps_what_was_there_before():
+    higgs_patch.apply("forward-kwargs-filter")
+    with higgs_patch.applied("forward-kwargs-filter", "device-tensor-factory") as report:
+        assert {s.id: s.state for s in report} == {"forward-kwargs-filter": "applied", "device-tensor-factory": "applied"}
+    assert states()["device-tensor-factory"] == "not-applied"
+    assert states()["forward-kwargs-filter"] == "applied"
+
+
+def test_reverting_what_is_not_applied_is_a_no_op():
+    assert all(s.state == "not-applied" for s in higgs_patch.revert())
+    assert originals_back()
+
+
+def test_apply_twice_installs_one_layer():
+    higgs_patch.apply()
+    higgs_patch.apply()
+    wrapper = Model.__dict__["forward"]
+    assert wrapper.__wrapped__ is ORIGINALS["forward"]
+    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[CALL].layers) == 2  # two different patches on the collator's __call__
+
+
+def test_eight_threads_applying_at_once_install_one_layer():
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker():
+        try:
+            barrier.wait()
+            higgs_patch.apply()
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS["forward"]
+    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[CALL].layers) == 2
+
+
+def test_unknown_patch_and_unknown_option_are_errors_naming_what_is_known():
+    with pytest.raises(higgs_patch.PatchError, match="forward-kwargs-filter"):
+        higgs_patch.apply("no-such-patch")
+    with pytest.raises(higgs_patch.PatchError, match="audio_index_policy"):
+        higgs_patch.apply(audio_index_polcy="strict")
+    assert originals_back()
+
+
+def test_options_reach_the_patch_that_declares_them_and_a_second_apply_with_others_is_refused():
+    higgs_patch.apply("collator-audio-index", audio_index_policy="strict")
+    assert {s.id: s.options for s in higgs_patch.status()}["collator-audio-index"] == {"audio_index_policy": "strict"}
+    with pytest.raises(higgs_patch.PatchError, match="revert it before"):
+        higgs_patch.apply("collator-audio-index", audio_index_policy="clamp")
+
+
+def test_one_info_line_per_applied_and_per_reverted_patch(patch_log):
+    higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory")
+    higgs_patch.revert()
+    messages = [r.getMessage() for r in patch_log.records if r.name == "higgs_patch"]
+    assert sum("applied to" in m for m in messages) == 2
+    assert sum(m.endswith("reverted") for m in messages) == 2
+
+
+# --- stacking ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_out", ["collator-audio-index", "device-tensor-factory"])
+def test_two_patches_on_one_target_revert_in_any_order(first_out):
+    import tiny
+
+    higgs_patch.apply("collator-audio-index", "device-tensor-factory")
+    other = ({"collator-audio-index", "device-tensor-factory"} - {first_out}).pop()
+    higgs_patch.revert(first_out)
+    assert states()[other] == "applied"
+    short = tiny.sample(reference=None)
+    collate = tiny.collator(return_audio_in_tokens=False)
+    if other == "collator-audio-index":
+        assert collate([short]).audio_out_ids.shape[1] > 0  # still routed: no IndexError
+    else:
+        with pytest.raises(IndexError):
+            collate([short])
+        assert collate([tiny.sample(device="meta")]).audio_out_ids.device.type == "meta"
+    higgs_patch.revert(other)
+    assert originals_back()
+
+
+def test_revert_leaves_a_later_foreign_wrapper_in_place_and_says_so(patch_log):
+    higgs_patch.apply("forward-kwargs-filter")
+    ours = Model.__dict__["forward"]
+    wrapt.wrap_function_wrapper(Model, "forward", lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs))
+    theirs = Model.__dict__["forward"]
+    try:
+        higgs_patch.revert("forward-kwargs-filter")
+        assert Model.__dict__["forward"] is theirs
+        assert theirs.__wrapped__ is ours
+        assert any("someone else" in r.getMessage() for r in patch_log.records)
+        import tiny
+
+        model = tiny.model()
+        with pytest.raises(TypeError, match="labels"):  # ours passes straight through now
+            model(input_ids=tiny.collator()([tiny.sample()]).input_ids, labels=None)
+    finally:
+        Model.forward = ORIGINALS["forward"]
+        engine._slots.pop(FORWARD, None)
+
+
+# --- atomicity -------------------------------------------------------------------------------------------
+
+
+def test_a_patch_failing_mid_apply_leaves_no_patch_of_that_call_applied():
+    # Patches apply in the order named: the first two go in, then the last one's factory raises.
+    with pytest.raises(higgs_patch.PatchError, match="trainer-compute-loss"):
+        higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "trainer-compute-loss", text_loss_weight="heavy")
+    assert all(state != "applied" for state in states().values())
+    assert originals_back()
+
+
+# --- declarations ----------------------------------------------------------------------------------------
+
+
+def declaration_text(wrapper: str) -> str:
+    return textwrap.dedent(
+        f"""
+        id = "x"
+        version = "1.0.0"
+        summary = "s"
+        symptom = "s"
+        [[targets]]
+        path = "boson_multimodal.model.higgs_audio.modeling_higgs_audio:HiggsAudioModel.forward"
+        wrapper = "{wrapper}"
+        """
+    )
+
+
+@pytest.mark.parametrize("wrapper", ["os:system", "higgs_patchx.evil:wrap", "tests.helpers:wrap", "higgs_patch"])
+def test_a_declaration_whose_implementation_lies_outside_higgs_patch_is_refused(wrapper):
+    with pytest.raises(higgs_patch.DeclarationError, match="inside the 'higgs_patch' package"):
+        declarations.load(declaration_text(wrapper))
+
+
+def test_a_declaration_inside_higgs_patch_is_accepted():
+    declaration = declarations.load(declaration_text("higgs_patch.fixes.forward_kwargs_filter:filter_kwargs"))
+    assert declaration.module == "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
+
+
+def test_every_shipped_declaration_resolves_to_a_factory_and_a_known_target():
+    for declaration in engine.known().values():
+        for target in declaration.targets:
+            module_name, _, name = target.wrapper.partition(":")
+            assert callable(getattr(__import__(module_name, fromlist=[name]), name))
+            assert Slot(target.path, sys.modules[target.module], target.qualname).original is not None
+
+
+# --- fingerprints ------------------------------------------------------------------------------------------
+
+
+def installed_source(module) -> bytes:
+    return Path(module.__file__).read_bytes()
+
+
+DOCSTRINGS = {
+    modeling: (b'"""Forward pass for the Higgs-Audio model.', b'"""Runs the model (docstring reworded).'),
+    collator_module: (b'"""Collate the input data with support for long audio processing."""', b'"""Collates."""'),
+}
+
+
+@pytest.mark.parametrize(
+    "module,qualname",
+    [(modeling, "HiggsAudioModel.forward"), (collator_module, "HiggsAudioSampleCollator.__call__"), (collator_module, "torch")],
+)
+def test_fingerprint_ignores_line_endings_formatting_and_docstrings_but_not_code(module, qualname):
+    crlf = installed_source(module)
+    assert b"\r\n" in crlf  # the registry wheel really is CRLF
+    lf = crlf.replace(b"\r\n", b"\n")
+    found = fingerprint.of_source(crlf, qualname)
+    assert fingerprint.of_source(lf, qualname) == found
+    old_doc, new_doc = DOCSTRINGS[module]
+    assert old_doc in lf
+    reformatted = lf.replace(b"(\n", b"(  # a comment\n").replace(old_doc, new_doc).replace(b"\n\n", b"\n\n\n")
+    assert fingerprint.of_source(reformatted, qualname) == found
+    edited = lf.replace(b"-100", b"-101", 1) if module is collator_module else lf.replace(b"round_to = 1 if", b"round_to = 2 if")
+    assert edited != lf
+    assert fingerprint.of_source(edited, qualname) != found
+
+
+def test_the_installed_upstream_matches_the_known_fingerprints():
+    from higgs_patch import gate
+
+    for declaration in engine.known().values():
+        for check in gate.code_checks(declaration, declaration.module):
+            assert check.matches, str(check)
+            assert "boson-multimodal 0.1.1" in check.releases
+
+
+# --- import order and the gate, in fresh interpreters ---------------------------------------------------
+
+
+def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
+    result = run_python(
+        """
+        import sys, json, higgs_patch
+        higgs_patch.apply()
+        before = {s.id: s.state for s in higgs_patch.status()}
+        imported = [m for m in ("torch", "transformers", "boson_multimodal") if m in sys.modules]
+        import boson_multimodal.model.higgs_audio.modeling_higgs_audio as m
+        from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator as C
+        import transformers.trainer
+        after = {s.id: s.state for s in higgs_patch.status()}
+        wrapped = type(m.HiggsAudioModel.__dict__["forward"]).__name__
+        print(json.dumps({"before": before, "imported": imported, "after": after, "wrapped": wrapped}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(data["before"].values()) == {"pending"}
+    assert data["imported"] == []
+    assert set(data["after"].values()) == {"applied"}
+    assert data["wrapped"] == "FunctionWrapper"
+
+
+def test_a_hook_that_fires_after_revert_does_nothing():
+    result = run_python(
+        """
+        import higgs_patch
+        higgs_patch.apply("forward-kwargs-filter")
+        higgs_patch.revert()
+        import boson_multimodal.model.higgs_audio.modeling_higgs_audio as m
+        print(type(m.HiggsAudioModel.__dict__["forward"]).__name__, higgs_patch.status()[0].state)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == ["function", "not-applied"]
+
+
+@pytest.fixture(scope="module")
+def modified_upstream(tmp_path_factory) -> Path:
+    """A copy of the installed upstream with one token of the collator's __call__ changed."""
+    root = tmp_path_factory.mktemp("modified")
+    shutil.copytree(Path(collator_module.__file__).parents[1], root / "boson_multimodal")
+    target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
+    source = target.read_bytes()
+    target.write_bytes(source.replace(b"value=-100)", b"value=-99)", 1))
+    assert target.read_bytes() != source
+    return root
+
+
+SHOW_GATE = """
+    import json, logging, higgs_patch
+    import boson_multimodal.data_collator.higgs_audio_collator as c
+    outcome = "applied"
+    try:
+        higgs_patch.apply(force={force})
+    except higgs_patch.IncompatibleUpstreamError as exc:
+        outcome = str(exc)
+    print(json.dumps({{"file": c.__file__, "outcome": outcome,
+                      "states": {{s.id: s.state for s in higgs_patch.status()}},
+                      "call": type(vars(c.HiggsAudioSampleCollator)["__call__"]).__name__}}))
+"""
+
+
+def test_modified_upstream_is_refused_with_a_helpful_error_and_nothing_is_patched(modified_upstream):
+    result = run_python(SHOW_GATE.format(force=False), pythonpath=str(modified_upstream))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["file"].startswith(str(modified_upstream))
+    message = data["outcome"]
+    for expected in ("collator-audio-index", "HiggsAudioSampleCollator.__call__", data["file"], "unknown",
+                     "boson-multimodal 0.1.1", "force=True", "HIGGS_PATCH_FORCE"):
+        assert expected in message
+    assert data["call"] == "function"
+    assert "applied" not in data["states"].values()
+    assert data["states"]["collator-audio-index"] == "incompatible"
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_force_patches_the_modified_upstream_with_a_warning(modified_upstream, how):
+    env = {"HIGGS_PATCH_FORCE": "1"} if how == "environment" else {}
+    result = run_python(SHOW_GATE.format(force=how == "argument"), pythonpath=str(modified_upstream), env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["outcome"] == "applied"
+    assert data["call"] == "FunctionWrapper"
+    assert data["states"]["collator-audio-index"] == data["states"]["device-tensor-factory"] == "applied"
+    assert data["states"]["trainer-compute-loss"] == "pending"  # transformers.trainer is not imported there
+    assert "forced" in result.stderr
+
+
+def test_a_stack_conflict_names_what_was_requested_and_what_was_found(monkeypatch):
+    from higgs_patch import gate
+
+    declaration = engine.known()["trainer-compute-loss"]
+    broken = dataclasses.replace(
+        declaration, requires={"transformers": SpecifierSet(">=9"), "no-such-dist": SpecifierSet(">=1")}
+    )
+    found = [str(c) for c in gate.conflicts(broken)]
+    assert f'requested: "transformers >=9" but found: "transformers {transformers.__version__}"' in found
+    assert 'requested: "no-such-dist >=1" but found: nothing (not installed)' in found
+    monkeypatch.setitem(engine.known(), "trainer-compute-loss", broken)
+    with pytest.raises(higgs_patch.IncompatibleUpstreamError, match="no-such-dist"):
+        higgs_patch.apply("trainer-compute-loss")
+    assert states()["trainer-compute-loss"] == "incompatible"
+    assert originals_back()
