@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import wrapt
 
-from . import declarations, gate
+from . import declarations, environment, gate, startup
 from .declarations import Declaration
 from .errors import PatchError
 from .slots import Layer, Slot
@@ -45,6 +46,7 @@ class _Record:
     state: State = "not-applied"
     reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
     generation: int = 0
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
 
@@ -79,6 +81,8 @@ def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, 
             if isinstance(exc, PatchError):
                 raise
             raise PatchError(f"patch {failed!r} failed while applying, nothing of this call is applied: {exc}") from exc
+        finally:
+            _publish()
         return tuple(_status(d) for d in selected)
 
 
@@ -88,6 +92,7 @@ def revert(*ids: str) -> tuple[PatchStatus, ...]:
         selected = _select(ids, default_only=False)
         for declaration in selected:
             _revert_one(declaration.id)
+        _publish()
         return tuple(_status(d) for d in selected)
 
 
@@ -132,7 +137,7 @@ def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> 
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
-    record.options = options
+    record.options, record.force = options, force
     record.generation += 1
     module = sys.modules.get(declaration.module)
     if module is not None:
@@ -205,6 +210,16 @@ def _remove_layers(record: _Record) -> None:
         if slot.remove(layer):
             del _slots[slot.path]
     record.layers.clear()
+
+
+def _publish() -> None:
+    """Tell child processes what this one has applied (see startup.py); nothing left, nothing told."""
+    active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending")}
+    if active:
+        force = any(_records[pid].force for pid in active)
+        os.environ[environment.ACTIVATE] = startup.encode(active, force)
+    else:
+        os.environ.pop(environment.ACTIVATE, None)
 
 
 def _status(declaration: Declaration) -> PatchStatus:

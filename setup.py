@@ -1,0 +1,24 @@
+"""Only here to ship ``higgs_patch.pth`` at the top of site-packages (all metadata is in pyproject.toml).
+
+The .pth file is the process start-up hook (see higgs_patch/startup.py): one line that does nothing
+unless HIGGS_PATCH_ACTIVATE is set. setuptools has no declarative way to put a file there.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = "higgs_patch.pth"
+
+
+class build_py_with_pth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(str(Path(__file__).parent / "higgs_patch" / PTH), str(Path(self.build_lib) / PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib) / PTH)]
+
+
+setup(cmdclass={"build_py": build_py_with_pth})
