@@ -59,7 +59,9 @@ def higgs_audio_loss(
     """Cross-entropy of a ``HiggsAudioModel`` output against the batch it was computed from.
 
     ``outputs`` is the model's output (it must carry ``expanded_labels`` whenever the batch has
-    ``label_ids``); ``batch`` is the collated batch, a mapping or upstream's ``HiggsAudioBatchInput``.
+    ``label_ids``, and one row of ``audio_logits`` per audio-out token whenever it has
+    ``label_audio_ids``: a missing one is an error, never a silently dropped component); ``batch``
+    is the collated batch, a mapping or upstream's ``HiggsAudioBatchInput``.
     The total is the mean of the components that have supervised tokens; with either weight given it
     is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a missing
     weight counts 1). With no supervised token at all the loss is an exact zero, still connected to
@@ -117,9 +119,14 @@ def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     logits = field(outputs, "audio_logits")
     labels = field(batch, "label_audio_ids")
-    if logits is None or labels is None or labels.numel() == 0 or logits.shape[0] == 0:
+    if labels is None or labels.numel() == 0:  # no audio-out token in the batch
         anchor = field(outputs, "logits")
         return _zero(anchor), torch.zeros((), dtype=torch.long, device=anchor.device), None
+    if logits is None:
+        raise ValueError(
+            "the batch has label_audio_ids but the model output has no audio_logits: the model was called "
+            "without the batch's audio_out_ids"
+        )
     labels = labels.to(logits.device)
     if labels.shape != (logits.shape[1], logits.shape[0]):
         raise ValueError(

@@ -17,3 +17,32 @@ def _no_patch_leaks():
 def patch_log(caplog):
     caplog.set_level(logging.INFO, logger="higgs_patch")
     return caplog
+
+
+def _assert_same_batch(got, expected) -> None:
+    """Two collated batches (HiggsAudioBatchInput or dict) are equal field by field: torch.equal, None == None."""
+    import dataclasses
+
+    import torch
+
+    def as_dict(batch) -> dict:
+        return batch if isinstance(batch, dict) else {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+
+    got, expected = as_dict(got), as_dict(expected)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(got[name], torch.Tensor), name
+            assert got[name].device == value.device, name
+            assert got[name].dtype == value.dtype, name
+            assert got[name].shape == value.shape, name
+            if value.device.type != "meta":
+                assert torch.equal(got[name], value), name
+        else:
+            assert got[name] == value, name
+
+
+@pytest.fixture
+def assert_same_batch():
+    """``assert_same_batch(got, expected)``: collated batches equal field by field."""
+    return _assert_same_batch
