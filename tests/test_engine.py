@@ -33,6 +33,7 @@ ORIGINALS = {
     "torch": collator_module.torch,
     "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
     "log": transformers.trainer.Trainer.__dict__["log"],
+    "get_batch_samples": transformers.trainer.Trainer.__dict__["get_batch_samples"],
 }
 FORWARD = "boson_multimodal.model.higgs_audio.modeling_higgs_audio:HiggsAudioModel.forward"
 CALL = "boson_multimodal.data_collator.higgs_audio_collator:HiggsAudioSampleCollator.__call__"
@@ -45,6 +46,7 @@ def current() -> dict[str, object]:
         "torch": collator_module.torch,
         "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
         "log": transformers.trainer.Trainer.__dict__["log"],
+        "get_batch_samples": transformers.trainer.Trainer.__dict__["get_batch_samples"],
     }
 
 

@@ -261,3 +261,25 @@ def test_under_accumulation_the_hook_keeps_the_loss_value_and_scales_its_gradien
         torch.testing.assert_close(got, full / steps)
     with torch.no_grad(), higgs_patch.applied():  # evaluation: no scaling, no graph
         assert trainer.compute_loss(model, dict(inputs)).grad_fn is None
+
+
+def test_an_epochs_short_last_window_makes_the_update_of_the_batches_it_holds(tmp_path):
+    """Two accumulation steps, one batch in the epoch: the update and logged loss of that one batch."""
+
+    def one_epoch(steps):
+        model = tiny.model()
+        before = [p.detach().clone() for p in model.parameters()]
+        trainer = trainer_for(
+            model, tmp_path, tiny.samples(2), per_device_train_batch_size=2, gradient_accumulation_steps=steps,
+            num_train_epochs=1, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0,
+        )
+        result = trainer.train()
+        assert trainer.state.global_step == 1
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]), result.training_loss
+
+    with higgs_patch.applied():
+        single, single_loss = one_epoch(1)
+        short, short_loss = one_epoch(2)
+    assert single.norm() > 0
+    torch.testing.assert_close(short, single, rtol=1e-4, atol=1e-6)
+    assert short_loss == pytest.approx(single_loss, rel=1e-5)

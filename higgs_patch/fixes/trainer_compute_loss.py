@@ -9,10 +9,12 @@ Cause: ``HiggsAudioModel.forward`` returns logits and labels but ``loss=None``. 
 model whose forward takes no ``**loss_kwargs``: it only divides the value it logs.
 
 Change: for a model that is, under its DDP / Accelerate / PEFT wrappers, a ``HiggsAudioModel``
-returning no loss, compute :func:`higgs_patch.higgs_audio_loss`. Under accumulation the loss keeps
-its value (so the Trainer's own division of the logged value is right) while its gradient is
-scaled by 1 / steps (so the update is that of one large batch). Component losses reach the
-Trainer's logs at its logging steps. Every other model goes to the original ``compute_loss``.
+returning no loss, compute :func:`higgs_patch.higgs_audio_loss`. Under accumulation over a window of
+w micro-batches (w = the accumulation steps, or fewer in an epoch's last window, read where the
+Trainer draws them) the gradient is scaled by 1 / w, so the update is that of one large batch, and
+the value by steps / w, so the Trainer's own division of the logged value by the steps gives the
+window's mean. Component losses reach the Trainer's logs at its logging steps. Every other model
+goes to the original ``compute_loss``.
 """
 
 from __future__ import annotations
@@ -49,9 +51,22 @@ def compute_loss(original: Callable[..., Any], options: Mapping[str, Any]):
             if model.training:
                 _pending(instance).add(result.components())
         steps = instance.args.gradient_accumulation_steps
-        if steps > 1 and num_items_in_batch is None and model.training and torch.is_grad_enabled():
-            loss = _ScaleGradient.apply(loss, 1.0 / steps)
+        window = _windows.get(instance, steps)
+        if (steps > 1 or window > 1) and num_items_in_batch is None and model.training and torch.is_grad_enabled():
+            loss = _Scale.apply(loss, steps / window, 1.0 / window)
         return (loss, outputs) if return_outputs else loss
+
+    return wrapper
+
+
+def remember_window(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.get_batch_samples``: how many micro-batches the next update accumulates."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        batches, num_items = wrapped(*args, **kwargs)
+        if batches:
+            _windows[instance] = len(batches)
+        return batches, num_items
 
     return wrapper
 
@@ -89,17 +104,17 @@ def _is_higgs_audio(trainer: Any, model: Any) -> bool:
     return isinstance(inner, module.HiggsAudioModel)
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass."""
+class _Scale(torch.autograd.Function):
+    """Multiplies the value by ``value_scale`` and, independently, the gradient by ``grad_scale``."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return tensor.view_as(tensor)
+    def forward(ctx, tensor: torch.Tensor, value_scale: float, grad_scale: float) -> torch.Tensor:
+        ctx.grad_scale = grad_scale
+        return tensor.view_as(tensor) if value_scale == 1.0 else tensor * value_scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
+        return grad * ctx.grad_scale, None, None
 
 
 class _Components:
@@ -124,6 +139,7 @@ class _Components:
         return means
 
 
+_windows: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 _components: "weakref.WeakKeyDictionary[Any, _Components]" = weakref.WeakKeyDictionary()
 _components_lock = threading.Lock()
 
