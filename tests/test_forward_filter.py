@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.tensor  # noqa: F401 - peft 0.21 reads torch.distributed.tensor without importing it
 from peft import LoraConfig, get_peft_model
 
 import higgs_patch

@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed.tensor  # noqa: F401 - peft 0.21 reads torch.distributed.tensor without importing it
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
