@@ -1,0 +1,267 @@
+"""The ``higgs-patch`` command: list, doctor, smoke, fingerprint.
+
+A thin click layer: the work is in :mod:`higgs_patch.doctor` and :mod:`higgs_patch.smoke`, imported
+by the command that needs them, so ``higgs-patch list`` and ``--help`` import no torch.
+Exit codes: 0 all good, 1 a problem found, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from . import __version__, engine
+
+log = logging.getLogger("higgs_patch")
+
+MARKS = {"ok": "✓", "warn": "!", "fail": "✗"}
+ASCII_MARKS = {"ok": "ok", "warn": "!", "fail": "x"}
+
+
+class _EchoHandler(logging.Handler):
+    """Log records to stderr through click, which finds the stream current at each call."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(verbose: int) -> None:
+    handler = next((h for h in log.handlers if isinstance(h, _EchoHandler)), None)
+    if handler is None:
+        handler = _EchoHandler()
+        handler.setFormatter(logging.Formatter("higgs-patch: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+def _marks() -> dict[str, str]:
+    try:
+        "✓✗".encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return ASCII_MARKS
+    return MARKS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="higgs-patch")
+@click.option("-v", "--verbose", count=True, help="Log what the patches do (-vv: debug).")
+def main(verbose: int) -> None:
+    """Run-time, versioned, reversible patches that make Higgs Audio v2 train under the Trainer."""
+    _configure_logging(verbose)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema 1).")
+def list_patches(as_json: bool) -> None:
+    """Every known patch: id, version, default on/off, summary, targets."""
+    declarations = list(engine.known().values())
+    if as_json:
+        patches = [
+            {"id": d.id, "version": str(d.version), "default": d.default, "summary": d.summary,
+             "targets": [t.path for t in d.targets]}
+            for d in declarations
+        ]
+        click.echo(json.dumps({"schema": 1, "patches": patches}, indent=2))
+        return
+    width = max(len(d.id) for d in declarations)
+    for d in declarations:
+        click.echo(f"{d.id.ljust(width)}  {str(d.version):<7}  {'on ' if d.default else 'off'}  {d.summary}")
+        for target in d.targets:
+            click.echo(f"{' ' * (width + 16)}→ {target.path}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema in higgs_patch/doctor.py).")
+@click.option("--strict", is_flag=True, help="Warnings count as problems (exit 1).")
+def doctor(as_json: bool, strict: bool) -> None:
+    """Verify this install without changing it: the stack, known-bad combinations, every patch.
+
+    Each patch: its requirements, the fingerprint of its targets, whether it would apply, whether it
+    is applied in this process, and a dry run (apply and revert here, originals back by identity).
+    Exit 0 all good, 1 a problem found (with --strict, warnings too).
+    """
+    from . import doctor as checks
+
+    report = checks.run()
+    if as_json:
+        click.echo(json.dumps(report.as_json(strict), indent=2))
+    else:
+        click.echo(checks.render(report, strict, _marks()))
+    sys.exit(0 if report.ok(strict) else 1)
+
+
+@main.command()
+@click.option("--steps", default=40, show_default=True, type=click.IntRange(min=2), help="Training steps.")
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True,
+    help="auto: cuda when torch sees a usable GPU, else cpu.",
+)
+@click.option("--compare", is_flag=True, help="First show each failure of the unpatched upstream the patches fix.")
+def smoke(steps: int, device: str, compare: bool) -> None:
+    """Train a tiny random Higgs Audio model a few steps with the patches; nothing is downloaded.
+
+    Uses the transformers Trainer and the upstream collator on a synthetic voice-clone dataset made
+    in memory. Exits non-zero unless the text and audio losses are finite and falling.
+    """
+    import transformers
+
+    from . import smoke as job
+    from .doctor import one_line
+
+    transformers.logging.set_verbosity_error()
+    marks = _marks()
+    try:
+        device = job.resolve_device(device)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"higgs-patch smoke: a tiny random Higgs Audio model and {job.DATASET_SIZE} synthetic voice-clone samples "
+        "(one an audio segment short), made in memory; nothing is downloaded"
+    )
+    ok = True
+    if compare:
+        click.echo("Without the patches (upstream as installed):")
+        try:
+            ok &= _show_probes(job.unpatched_probe(device), marks, unpatched=True)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo("With the patches:")
+        ok &= _show_probes(job.patched_probe(device), marks, unpatched=False)
+        click.echo("")
+    click.echo(f"Training the tiny model {steps} steps on {device} with the patches applied:")
+    try:
+        result = job.train(steps, device)
+    except Exception as exc:
+        traceback.print_exc()
+        click.echo(f"smoke: FAILED: training raised {one_line(exc, limit=180)}")
+        sys.exit(1)
+    click.echo(_curve(result))
+    ok &= result.ok
+    for problem in result.problems:
+        click.echo(f"  {marks['fail']} {problem}")
+    verdict = "passed: losses finite and falling" if result.ok else "FAILED"
+    if result.ok and not ok:
+        verdict = "FAILED: a patched probe still fails (above)"
+    click.echo(f"smoke: {verdict} ({result.steps} steps in {result.seconds:.1f} s on {result.device})")
+    sys.exit(0 if ok else 1)
+
+
+def _show_probes(results: list[Any], marks: dict[str, str], unpatched: bool) -> bool:
+    """One line per probe; True unless a probe failed with the patches applied."""
+    width = max(len(r.what) for r in results)
+    for r in results:
+        if r.failure and unpatched:
+            line = f"{marks['fail']} {r.what.ljust(width)}  {r.failure}  [fixed by {r.patch}]"
+        elif r.failure:
+            line = f"{marks['fail']} {r.what.ljust(width)}  still fails: {r.failure}  [{r.patch}]"
+        elif unpatched:
+            line = f"- {r.what.ljust(width)}  works without {r.patch}"
+        else:
+            line = f"{marks['ok']} {r.what.ljust(width)}  works  [{r.patch}]"
+        click.echo("  " + line)
+    return unpatched or not any(r.failure for r in results)
+
+
+def _curve(result: Any) -> str:
+    """The loss curve in brief: five evenly spaced steps, then first → last of each component."""
+    history = result.history
+    if not history:
+        return "  the Trainer logged no loss"
+    picks = sorted({round(i * (len(history) - 1) / 4) for i in range(5)})
+    lines = [
+        f"  {result.parameters:,} parameters, {result.samples} samples, batch size {result.batch_size}",
+        f"  {'step':>5}  {'loss':>7}  {'text':>7}  {'audio':>7}  {'grad norm':>9}",
+    ]
+    for i in picks:
+        entry = history[i]
+        lines.append(
+            f"  {entry.get('step', i + 1):>5}  {_num(entry.get('loss'))}  {_num(entry.get('text_loss'))}  "
+            f"{_num(entry.get('audio_loss'))}  {_num(entry.get('grad_norm'), 9)}"
+        )
+    first, last = history[0], history[-1]
+    lines.append(
+        "  first → last step: "
+        + ", ".join(
+            f"{name} {_num(first.get(key), 0)} → {_num(last.get(key), 0)}"
+            for name, key in (("text loss", "text_loss"), ("audio loss", "audio_loss"), ("grad norm", "grad_norm"))
+        )
+    )
+    return "\n".join(lines)
+
+
+def _num(value: Any, width: int = 7) -> str:
+    if not isinstance(value, (int, float)):
+        return "-".rjust(width)
+    return (f"{value:.4f}" if math.isfinite(value) else str(value)).rjust(width)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--patch", "ids", multiple=True, metavar="ID", help="Apply only these patches (repeatable); default: the default ones."
+)
+@click.option(
+    "--option", "options", multiple=True, metavar="NAME=VALUE", callback=lambda ctx, param, value: _options(value),
+    help="A patch option (repeatable), e.g. audio_index_policy=strict; VALUE is read as JSON when it parses.",
+)
+@click.option("--force", is_flag=True, help="Patch code the gate does not recognise (logged as a warning).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(ids: tuple[str, ...], options: dict[str, Any], force: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND with the patches applied in every Python process it starts.
+
+    For scripts you do not edit, torchrun included: higgs-patch run -- torchrun --nproc_per_node=2 train.py
+    """
+    from . import startup
+    from .errors import PatchError
+
+    try:
+        startup.exec_with_patches(list(command), ids, options, force)
+    except PatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot run {command[0]!r}: {exc}") from None
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--option")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema 1) instead of TOML.")
+def fingerprint(as_json: bool) -> None:
+    """For maintainers: the fingerprint of every patch target in the installed upstream.
+
+    Printed in the form compat/fingerprints.toml stores, so supporting a new upstream release is a
+    data change.
+    """
+    from . import doctor as checks
+
+    try:
+        releases = checks.installed_fingerprints()
+    except Exception as exc:
+        raise click.ClickException(f"cannot read the installed upstream: {type(exc).__name__}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps({"schema": 1, "releases": releases}, indent=2))
+    else:
+        click.echo(checks.fingerprints_toml(releases), nl=False)
+
+
+if __name__ == "__main__":
+    main()

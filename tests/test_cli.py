@@ -1,0 +1,360 @@
+"""The ``higgs-patch`` command, in process (click's CliRunner) and as a real subprocess.
+
+Everything runs against the installed boson_multimodal and transformers; the broken and the modified
+upstream are real copies on PYTHONPATH, seen only by a subprocess.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import transformers
+import wrapt
+from click.testing import CliRunner
+
+import higgs_patch
+from higgs_patch import doctor, engine
+from higgs_patch.cli import main
+
+PATCH_IDS = list(engine.known())
+STACK = ["python", "platform", "torch", "torchaudio", "transformers", "accelerate", "peft", "wrapt", "boson_multimodal"]
+COLLATOR = "boson_multimodal/data_collator/higgs_audio_collator.py"
+
+
+def command() -> list[str]:
+    """The console script next to this interpreter, else the module."""
+    script = Path(sys.executable).with_name("higgs-patch")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "higgs_patch.cli"]
+
+
+def run(*args: str, pythonpath: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HIGGS_PATCH_FORCE", "PYTHONPATH")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([*command(), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The command configures logging for its process; give the test process its settings back."""
+    logger = logging.getLogger("higgs_patch")
+    level, handlers, verbosity = logger.level, list(logger.handlers), transformers.logging.get_verbosity()
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    transformers.logging.set_verbosity(verbosity)
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def upstream_copy(tmp_path_factory) -> Path:
+    """A copy of the installed boson_multimodal package in a folder of its own."""
+    source = Path(importlib.metadata.distribution("boson_multimodal").locate_file("boson_multimodal"))
+    folder = tmp_path_factory.mktemp("upstream")
+    shutil.copytree(source, folder / "boson_multimodal", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def installed_release_name() -> str:
+    return f"boson-multimodal {importlib.metadata.version('boson_multimodal')}"
+
+
+def compat_targets(name: str) -> dict[str, str]:
+    text = resources.files("higgs_patch.compat").joinpath("fingerprints.toml").read_text(encoding="utf-8")
+    releases = {release["name"]: release["targets"] for release in tomllib.loads(text)["release"]}
+    return releases[name]
+
+
+def marked(output: str, mark: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if line.strip().startswith(mark)]
+
+
+# --- version, list, usage ------------------------------------------------------------------------
+
+
+def test_version(cli):
+    assert cli("--version").output.strip() == f"higgs-patch, version {higgs_patch.__version__}"
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"higgs-patch, version {higgs_patch.__version__}"
+
+
+def test_list_names_every_patch(cli):
+    result = cli("list")
+    assert result.exit_code == 0
+    for declaration in engine.known().values():
+        line = next(line for line in result.output.splitlines() if line.startswith(declaration.id + " "))
+        assert str(declaration.version) in line and declaration.summary in line
+        assert (" on " if declaration.default else " off ") in line
+        for target in declaration.targets:
+            assert f"→ {target.path}" in result.output
+    listed = json.loads(cli("list", "--json").output)
+    assert [p["id"] for p in listed["patches"]] == PATCH_IDS
+
+
+def test_list_imports_no_torch():
+    code = (
+        "import sys; from higgs_patch.cli import main\n"
+        "try:\n    main(['list'])\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'boson_multimodal') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "forward-kwargs-filter" in done.stdout
+
+
+def test_usage_errors_exit_2(cli):
+    assert cli("doctor", "--no-such-option").exit_code == 2
+    assert cli("smoke", "--device", "tpu").exit_code == 2
+    assert cli("smoke", "--steps", "0").exit_code == 2
+    assert run("no-such-command").returncode == 2
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+
+def test_doctor_passes_and_changes_nothing(cli):
+    originals = {t.path: wrapt.resolve_path(t.module, t.qualname)[2] for d in engine.known().values() for t in d.targets}
+    result = cli("doctor", "--strict")
+    assert result.exit_code == 0, result.output
+    for name in STACK:
+        assert re.search(rf"^  ✓ {re.escape(name)} ", result.output, re.M), name
+    for patch_id in PATCH_IDS:
+        assert f"Patch {patch_id} " in result.output
+    assert result.output.count("dry run") == len(PATCH_IDS)
+    assert not marked(result.output, "✗") and not marked(result.output, "!")
+    assert "doctor: all good" in result.output
+    assert {s.state for s in higgs_patch.status()} == {"not-applied"}
+    now = {t.path: wrapt.resolve_path(t.module, t.qualname)[2] for d in engine.known().values() for t in d.targets}
+    assert all(now[path] is original for path, original in originals.items())
+
+
+def test_doctor_leaves_an_applied_patch_alone(cli):
+    with higgs_patch.applied("forward-kwargs-filter"):
+        report = json.loads(cli("doctor", "--json").stdout)
+        states = {s.id: s.state for s in higgs_patch.status()}
+    patch = next(p for p in report["patches"] if p["id"] == "forward-kwargs-filter")
+    assert patch["state"] == "applied" and patch["dry_run"] == "skipped"
+    assert states["forward-kwargs-filter"] == "applied"
+    assert report["ok"] is True
+
+
+def test_doctor_json_follows_the_schema(cli):
+    result = cli("doctor", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["schema"] == doctor.SCHEMA == 1
+    assert report["ok"] is True and report["strict"] is False
+    assert set(report) >= {"schema", "ok", "strict", "higgs_patch", "counts", "seconds", "environment", "checks", "patches"}
+    environment = report["environment"]
+    assert set(environment) == set(STACK)
+    for name in STACK[2:]:
+        assert {"installed", "version"} <= set(environment[name]), name
+    assert environment["torch"]["cuda"]["available"] in (True, False)
+    assert environment["wrapt"]["c_extension"] in (True, False)
+    assert environment["boson_multimodal"]["importable"] is True
+    assert environment["boson_multimodal"]["version"] == importlib.metadata.version("boson_multimodal")
+    assert environment["transformers"]["version"] == transformers.__version__
+    assert [c["name"] for c in report["checks"]] == STACK
+    for check in report["checks"] + [c for p in report["patches"] for c in p["checks"]]:
+        assert set(check) == {"name", "level", "detail", "fix"} and check["level"] in ("ok", "warn", "fail")
+    assert [p["id"] for p in report["patches"]] == PATCH_IDS
+    for patch in report["patches"]:
+        assert set(patch) >= {"id", "version", "state", "compatible", "reason", "default", "targets", "code", "dry_run"}
+        assert patch["state"] == "not-applied" and patch["compatible"] is True and patch["reason"] == ""
+        assert patch["dry_run"] == "ok"
+        for code in patch["code"]:
+            assert code["known"] is True and code["releases"] and code["fingerprint"].startswith("ast1:")
+    assert sum(report["counts"].values()) == len(report["checks"]) + sum(len(p["checks"]) for p in report["patches"])
+
+
+def test_doctor_subprocess_passes():
+    done = run("doctor")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "doctor: all good" in done.stdout
+    for patch_id in PATCH_IDS:
+        assert f"Patch {patch_id} " in done.stdout
+    # The checks after importing the stack are fast.
+    seconds = float(re.search(r"checks took ([\d.]+) s", done.stdout).group(1))
+    assert seconds < 3
+
+
+def test_doctor_fails_when_upstream_cannot_be_imported(tmp_path):
+    package = tmp_path / "boson_multimodal"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("boson_multimodal is broken on purpose")\n')
+    done = run("doctor", pythonpath=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = next(line for line in marked(done.stdout, "✗") if line.startswith("✗ boson_multimodal"))
+    assert "cannot be imported: RuntimeError: boson_multimodal is broken on purpose" in line
+    assert str(package / "__init__.py") in line
+    assert "problems found" in done.stdout
+
+
+def test_doctor_fails_and_names_the_patch_when_target_code_changed(upstream_copy):
+    collator = upstream_copy / COLLATOR
+    source = collator.read_bytes()
+    edit = b"if all([ele.label_ids is None for ele in batch]):"
+    assert source.count(edit) == 1
+    collator.write_bytes(source.replace(edit, edit.replace(b"all(", b"any(")))  # one token
+    try:
+        done = run("doctor", pythonpath=upstream_copy)
+        as_json = run("doctor", "--json", pythonpath=upstream_copy)
+    finally:
+        collator.write_bytes(source)
+    assert done.returncode == 1, done.stdout + done.stderr
+    sections = {block.split()[0]: block for block in done.stdout.split("\nPatch ")[1:]}
+    changed = {"collator-audio-index", "device-tensor-factory"}  # both patch the collator's __call__
+    for patch_id in changed:
+        assert "✗ fingerprint       HiggsAudioSampleCollator.__call__" in sections[patch_id]
+        assert "matches no known release" in sections[patch_id]
+        assert "✗ would apply" in sections[patch_id]
+    for patch_id in set(PATCH_IDS) - changed:
+        assert "✗" not in sections[patch_id]
+    assert "! boson_multimodal" in done.stdout and str(upstream_copy) in done.stdout  # the copy shadows the install
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and report["ok"] is False
+    assert {p["id"] for p in report["patches"] if not p["compatible"]} == changed
+    for patch in report["patches"]:
+        if patch["id"] in changed:
+            assert "fingerprint" in patch["reason"] and patch["dry_run"] == "skipped"
+
+
+def test_doctor_warns_about_a_torchaudio_that_cannot_do_audio_io(tmp_path):
+    """torchaudio 2.9 without torchcodec: optional, so a warning, a problem only with --strict."""
+    (tmp_path / "torchaudio").mkdir()
+    (tmp_path / "torchaudio" / "__init__.py").write_text(
+        "def save(*args, **kwargs):\n"
+        "    raise RuntimeError('TorchCodec is required for save_with_torchcodec.')\n"
+        "load = save\n"
+    )
+    (tmp_path / "torchaudio-2.9.1.dist-info").mkdir()
+    (tmp_path / "torchaudio-2.9.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchaudio\nVersion: 2.9.1\n"
+        f"Requires-Dist: torch=={importlib.metadata.version('torch')}\n"
+    )
+    done = run("doctor", "--json", "--strict", pythonpath=tmp_path)
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and report["ok"] is False and report["strict"] is True
+    assert report["counts"]["fail"] == 0 and report["counts"]["warn"] == 1  # without --strict: exit 0
+    check = next(c for c in report["checks"] if c["name"] == "torchaudio")
+    assert check["level"] == "warn" and "TorchCodec" in check["detail"] and "pip install torchcodec" in check["fix"]
+    assert report["environment"]["torchaudio"] == {"installed": True, "version": "2.9.1", "wav_roundtrip": False}
+
+
+def test_provenance_reads_git_files(tmp_path):
+    checkout = tmp_path / "higgs-audio"
+    package = checkout / "boson_multimodal"
+    package.mkdir(parents=True)
+    git = checkout / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "config").write_text(
+        '[core]\n\tbare = false\n[remote "origin"]\n\turl = https://github.com/boson-ai/higgs-audio.git\n'
+    )
+    (git / "packed-refs").write_text("# pack-refs with: peeled\n" + "f04f5df" + "0" * 33 + " refs/heads/main\n")
+    found = doctor.provenance(None, package)
+    assert found["commit"] == "f04f5df" + "0" * 33 and found["url"].endswith("boson-ai/higgs-audio.git")
+    assert doctor.describe(found) == "git checkout at f04f5df"
+    (git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
+    assert doctor.provenance(None, package)["commit"] == "a" * 40
+    assert doctor.provenance(None, tmp_path / "elsewhere" / "pkg")["commit"] is None
+
+
+# --- fingerprint ---------------------------------------------------------------------------------
+
+
+def test_fingerprint_matches_compat(cli):
+    result = cli("fingerprint")
+    assert result.exit_code == 0
+    printed = tomllib.loads(result.output)["release"]
+    assert [r["name"] for r in printed] == [installed_release_name()]
+    assert printed[0]["targets"] == compat_targets(installed_release_name())
+    as_json = json.loads(cli("fingerprint", "--json").output)
+    assert as_json["schema"] == 1 and as_json["releases"][0]["targets"] == printed[0]["targets"]
+
+
+def test_fingerprint_subprocess_of_a_git_checkout(tmp_path, upstream_copy):
+    checkout = tmp_path / "higgs-audio"
+    shutil.copytree(upstream_copy / "boson_multimodal", checkout / "boson_multimodal")
+    (checkout / ".git").mkdir()
+    (checkout / ".git" / "HEAD").write_text("f04f5df" + "1" * 33 + "\n")  # detached
+    (checkout / ".git" / "config").write_text('[remote "origin"]\n\turl = git@github.com:boson-ai/higgs-audio.git\n')
+    done = run("fingerprint", pythonpath=checkout)
+    assert done.returncode == 0, done.stderr
+    release = tomllib.loads(done.stdout)["release"][0]
+    assert release["name"] == "boson-ai/higgs-audio@f04f5df"
+    assert release["origin"].startswith("git checkout at f04f5df")
+    assert release["targets"] == compat_targets(installed_release_name())  # same code, other bytes
+
+
+# --- smoke ---------------------------------------------------------------------------------------
+
+
+def losses(output: str) -> dict[str, tuple[float, float]]:
+    line = next(line for line in output.splitlines() if "first → last step:" in line)
+    return {
+        name: (float(first), float(last))
+        for name, first, last in re.findall(r"(text loss|audio loss|grad norm) ([\d.]+) → ([\d.]+)", line)
+    }
+
+
+def test_smoke_trains_with_falling_losses(cli):
+    result = cli("smoke", "--steps", "30", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "smoke: passed: losses finite and falling (30 steps" in result.output
+    found = losses(result.stdout)
+    assert found["text loss"][1] < found["text loss"][0]
+    assert found["audio loss"][1] < found["audio loss"][0]
+    assert {s.state for s in higgs_patch.status()} == {"not-applied"}  # it reverts what it applied
+
+
+def test_smoke_compare_subprocess_shows_what_the_patches_fix():
+    done = run("smoke", "--steps", "30", "--device", "cpu", "--compare")
+    assert done.returncode == 0, done.stdout + done.stderr
+    before, after = done.stdout.split("With the patches:")
+    failures = marked(before, "✗")
+    expected = {
+        "forward-kwargs-filter": "TypeError: HiggsAudioModel.forward() got an unexpected keyword argument 'labels'",
+        "trainer-compute-loss": "ValueError: The model did not return a loss",
+        "device-tensor-factory": "RuntimeError:",
+    }
+    for patch_id, message in expected.items():
+        assert any(message in line and f"[fixed by {patch_id}]" in line for line in failures), patch_id
+    assert any("IndexError" in line and "[fixed by collator-audio-index]" in line for line in failures)
+    assert any("audio labels lost" in line and "the second" in line for line in failures)
+    assert len(failures) == 5
+    fixed = marked(after.split("Training")[0], "✓")
+    assert len(fixed) == 5 and all(" works " in line for line in fixed)
+    assert "smoke: passed" in done.stdout
+    assert losses(done.stdout)["audio loss"][1] < losses(done.stdout)["audio loss"][0]
+    assert "(audio-index-clamp)" in done.stderr  # the short sample, logged, not hidden
+
+
+def test_smoke_cuda_without_a_gpu_is_an_error(cli):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is usable here")
+    result = cli("smoke", "--device", "cuda")
+    assert result.exit_code == 1 and "no usable CUDA device" in result.output
