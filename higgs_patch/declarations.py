@@ -28,10 +28,15 @@ IMPLEMENTATION_PACKAGE = "higgs_patch"
 
 @dataclass(frozen=True)
 class Target:
-    """One attribute a patch wraps, ``module:Qualified.name``, and the factory of its wrapper."""
+    """One attribute a patch wraps, ``module:Qualified.name``, and the factory of its wrapper.
+
+    A target that is a module (the collator's ``torch``) names the functions read through it that
+    the wrapper applies to, in ``names``.
+    """
 
     path: str
     wrapper: str
+    names: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -109,7 +114,10 @@ def _parse_target(entry: Mapping[str, Any], fail) -> Target:
             f"wrapper {wrapper!r} of target {path!r} must be 'module:function' inside the "
             f"{IMPLEMENTATION_PACKAGE!r} package; implementations elsewhere are refused"
         )
-    return Target(path=path, wrapper=wrapper)
+    names = entry.get("names", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) and name.isidentifier() for name in names):
+        raise fail(f"names of target {path!r} must be a list of identifiers")
+    return Target(path=path, wrapper=wrapper, names=tuple(names))
 
 
 def load(text: str, source: str = "<declaration>") -> Declaration:

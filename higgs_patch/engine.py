@@ -170,11 +170,10 @@ def _install(declaration: Declaration, record: _Record, module: ModuleType, forc
         log.warning("%s", message)
     try:
         for target in declaration.targets:
-            slot = _slots.get(target.path)
-            if slot is None:
-                slot = _slots[target.path] = Slot(target.path, module, target.qualname)
+            slot = _slots.get(target.path) or Slot(target.path, module, target.qualname, target.names)
             layer = _factory(target.wrapper)(slot.original, record.options)
             slot.add(layer)
+            _slots[target.path] = slot
             record.layers.append((slot, layer))
     except Exception:
         _remove_layers(record)

@@ -6,9 +6,9 @@ target and can be reverted in any order; when the last layer goes, the very orig
 back, unless someone else has wrapped the attribute after us: then we leave their wrapper alone,
 our proxy stays beneath it as a pass-through, and we say so.
 
-A target that is a module (the collator's global ``torch``) gets an object proxy instead, which runs
-the layers around every function read through it; nothing outside the module that holds the proxy
-sees a difference.
+A target that is a module (the collator's global ``torch``) gets a view instead: a module object
+with the same attributes in which the declared functions run the layers. Only the module holding the
+view sees a difference, and reading any other attribute through it costs what it always did.
 """
 
 from __future__ import annotations
@@ -27,18 +27,20 @@ Layer = Callable[[Callable[..., Any], Any, tuple, dict], Any]
 
 
 class Slot:
-    def __init__(self, path: str, module: ModuleType, qualname: str) -> None:
+    def __init__(self, path: str, module: ModuleType, qualname: str, names: tuple[str, ...] = ()) -> None:
         self.path = path
+        self.names = names
         self.parent, self.name, self.original = wrapt.resolve_path(module, qualname)
         self._owned = not inspect.isclass(self.parent) or self.name in vars(self.parent)
         self.layers: tuple[Layer, ...] = ()
         self.installed: object | None = None
 
     def add(self, layer: Layer) -> None:
-        self.layers = self.layers + (layer,)
         if self.installed is None:
-            self.installed = self._proxy()
-            wrapt.apply_patch(self.parent, self.name, self.installed)
+            installed = self._proxy()
+            wrapt.apply_patch(self.parent, self.name, installed)
+            self.installed = installed
+        self.layers = self.layers + (layer,)
 
     def remove(self, layer: Layer) -> bool:
         """Drop one layer; return True once this slot is gone and the original is back in place."""
@@ -66,7 +68,7 @@ class Slot:
 
     def _proxy(self) -> object:
         if isinstance(self.original, ModuleType):
-            return _ModuleProxy(self.original, self)
+            return _module_view(self.original, self.names, self.dispatch)
         return wrapt.FunctionWrapper(self.original, self.dispatch)
 
     def dispatch(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -85,19 +87,13 @@ def _invoke(layer: Layer, wrapped: Callable[..., Any], instance: Any, *args: Any
     return layer(wrapped, instance, args, kwargs)
 
 
-class _ModuleProxy(wrapt.ObjectProxy):
-    """Stands in for a module; functions read through it run the slot's layers."""
-
-    def __init__(self, module: ModuleType, slot: Slot) -> None:
-        super().__init__(module)
-        self._self_slot = slot
-        self._self_functions: dict[str, object] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.__wrapped__, name)
-        if not (inspect.isroutine(value) and not name.startswith("_")):
-            return value
-        cached = self._self_functions.get(name)
-        if cached is None or cached.__wrapped__ is not value:
-            cached = self._self_functions[name] = wrapt.FunctionWrapper(value, self._self_slot.dispatch)
-        return cached
+def _module_view(module: ModuleType, names: tuple[str, ...], dispatch: Layer) -> ModuleType:
+    if not names:
+        raise ValueError(f"a module target ({module.__name__}) needs the names of the functions to wrap")
+    view = ModuleType(module.__name__, module.__doc__)
+    view.__dict__.update(vars(module))
+    view.__dict__["__getattr__"] = functools.partial(getattr, module)  # names the module gains later
+    view.__dict__["__wrapped__"] = module
+    for name in names:
+        view.__dict__[name] = wrapt.FunctionWrapper(getattr(module, name), dispatch)
+    return view

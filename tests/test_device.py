@@ -85,12 +85,18 @@ def test_the_device_is_chosen_per_call_and_forgotten_after_it_even_after_an_erro
         assert collator_module.torch.full((1,), 3).device.type == "cpu"
 
 
-def test_only_the_collator_module_sees_a_proxy_and_revert_puts_torch_back():
+def test_only_the_collator_module_sees_a_view_and_revert_puts_torch_back():
     assert collator_module.torch is torch
     with higgs_patch.applied(PATCH):
-        assert collator_module.torch is not torch
-        assert collator_module.torch.long is torch.long  # non-functions read straight through
-        assert collator_module.torch.cat is not torch.cat
+        view = collator_module.torch
+        assert view is not torch and view.__wrapped__ is torch
+        assert view.long is torch.long and view.cat is torch.cat  # everything else reads straight through
+        assert view.full is not torch.full and view.full.__wrapped__ is torch.full
+        torch.higgs_patch_added_later = object()
+        try:
+            assert view.higgs_patch_added_later is torch.higgs_patch_added_later
+        finally:
+            del torch.higgs_patch_added_later
         assert torch.full((1,), 0).device.type == "cpu"
     assert collator_module.torch is torch
 

@@ -397,3 +397,16 @@ def test_a_stack_conflict_names_what_was_requested_and_what_was_found(monkeypatc
         higgs_patch.apply("trainer-compute-loss")
     assert states()["trainer-compute-loss"] == "incompatible"
     assert originals_back()
+
+
+def test_a_module_target_wraps_only_the_functions_its_declaration_names():
+    text = declaration_text("higgs_patch.fixes.device_tensor_factory:place_on_device").replace(
+        "modeling_higgs_audio:HiggsAudioModel.forward", "modeling_higgs_audio:torch"
+    )
+    assert declarations.load(text + 'names = ["full"]\n').targets[0].names == ("full",)
+    with pytest.raises(higgs_patch.DeclarationError, match="identifiers"):
+        declarations.load(text + 'names = ["full()"]\n')
+    slot = Slot("m:torch", modeling, "torch")
+    with pytest.raises(ValueError, match="needs the names"):
+        slot.add(lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs))
+    assert modeling.torch is sys.modules["torch"] and slot.layers == () and slot.installed is None

@@ -75,16 +75,15 @@ def route_samples(original: Callable[..., Any], options: Mapping[str, Any]):
 
 def _own_sample(collator: Any, sample: Any, position: int, policy: str) -> Any:
     """A shallow copy of ``sample`` the collator may write into, its segments routed if needed."""
-    ids = sample.input_ids
-    is_in = ids == collator.audio_in_token_id
-    is_out = ids == collator.audio_out_token_id
-    owned = copy.copy(sample)
+    owned = _shallow_copy(sample)
     if sample.label_ids is not None:
         owned.label_ids = sample.label_ids.clone()
-    n_in, n_out = int(is_in.sum()), int(is_out.sum())
+    n_in, n_out = _count_tokens(sample.input_ids, collator.audio_in_token_id, collator.audio_out_token_id)
     n_segments = len(sample.audio_ids_start)
     if n_in + n_out <= n_segments:
         return owned
+    ids = sample.input_ids
+    is_in, is_out = ids == collator.audio_in_token_id, ids == collator.audio_out_token_id
     where = f"sample {position} of the batch has {n_in} audio-in and {n_out} audio-out tokens but {n_segments} audio segment(s)"
     if n_segments == 0:
         raise AudioIndexError(f"{where}: there is no audio to read for its audio tokens; give it its audio codes")
@@ -105,6 +104,21 @@ def _own_sample(collator: Any, sample: Any, position: int, policy: str) -> Any:
         )
     _count(collator, position, n_in + n_out - n_segments, leaks)
     return _routed(owned, route)
+
+
+def _shallow_copy(sample: Any) -> Any:
+    if not hasattr(sample, "__dict__"):
+        return copy.copy(sample)
+    owned = object.__new__(type(sample))
+    owned.__dict__.update(sample.__dict__)
+    return owned
+
+
+def _count_tokens(ids: torch.Tensor, audio_in: int, audio_out: int) -> tuple[int, int]:
+    if len(ids) <= 512:  # below this a Python count beats two tensor comparisons and reductions
+        values = ids.tolist()
+        return values.count(audio_in), values.count(audio_out)
+    return int((ids == audio_in).sum()), int((ids == audio_out).sum())
 
 
 def _uses_audio_in(collator: Any) -> bool:

@@ -7,10 +7,10 @@ CPU-only machine the ``meta`` device shows the same failure).
 Cause: the collator module creates the bos/eos columns, labels and offsets with ``torch.full``,
 ``torch.tensor``, ``torch.zeros`` ... and no ``device``, so they are always CPU tensors.
 
-Change: while a collator call runs, the factories read through that module's ``torch`` make their
-tensors on the device of the batch's audio codes, chosen per call; an explicit ``device=`` is left
-alone. All-CPU batches take upstream's path untouched. The module's ``torch`` is a proxy only inside
-that module; every other user of torch sees nothing.
+Change: while a collator call runs, the factories read through that module's ``torch`` (named in
+the declaration) make their tensors on the device of the batch's audio codes, chosen per call; an
+explicit ``device=`` is left alone. All-CPU batches take upstream's path untouched. The module's
+``torch`` is a view only inside that module; every other user of torch sees nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import contextvars
 from typing import Any, Callable, Mapping
 
 import torch
-
-FACTORIES = frozenset({"full", "tensor", "zeros", "ones", "empty", "arange"})
 
 _device: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("higgs_patch_collate_device", default=None)
 
@@ -46,7 +44,7 @@ def place_on_device(original: Any, options: Mapping[str, Any]):
 
     def wrapper(wrapped, instance, args, kwargs):
         device = _device.get()
-        if device is not None and "device" not in kwargs and wrapped.__name__ in FACTORIES:
+        if device is not None and "device" not in kwargs:
             kwargs = {**kwargs, "device": device}
         return wrapped(*args, **kwargs)
 
