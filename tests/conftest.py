@@ -1,8 +1,13 @@
 import logging
+import os
 
 import pytest
 
 import higgs_patch
+
+# Child interpreters must import the installed plugin, as this one does (python -P), never the source
+# tree in the working directory: the source tree has no start-up hook and no patches/ package mapping.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture(autouse=True)

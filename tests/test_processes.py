@@ -98,6 +98,7 @@ def test_spawned_dataloader_workers_patch_themselves(tmp_path):
 
 TRAIN_SCRIPT = """
 import json, math, os, tempfile
+import torch.distributed
 import tiny
 from transformers import Trainer, TrainingArguments
 
@@ -111,6 +112,7 @@ trainer.train()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 with open(f"rank{os.environ['RANK']}.json", "w") as out:
     json.dump({"rank": int(os.environ["RANK"]), "world": trainer.args.world_size, "losses": losses}, out)
+torch.distributed.destroy_process_group()
 """
 
 
