@@ -59,9 +59,9 @@ class Declaration:
     requires: Mapping[str, SpecifierSet] = field(default_factory=dict)
 
     @property
-    def module(self) -> str:
-        """The one module all targets live in; the patch is pending until it is imported."""
-        return self.targets[0].module
+    def modules(self) -> tuple[str, ...]:
+        """The modules the targets live in; the patch is pending until all of them are imported."""
+        return tuple(dict.fromkeys(target.module for target in self.targets))
 
 
 def parse(data: Mapping[str, Any], source: str = "<declaration>") -> Declaration:
@@ -81,9 +81,6 @@ def parse(data: Mapping[str, Any], source: str = "<declaration>") -> Declaration
     targets = tuple(_parse_target(entry, fail) for entry in data["targets"])
     if not targets:
         raise fail("declares no targets")
-    modules = {target.module for target in targets}
-    if len(modules) != 1:
-        raise fail(f"targets span several modules {sorted(modules)}; one patch patches one module")
 
     requires = {}
     for distribution, spec in dict(data.get("requires", {})).items():

@@ -186,7 +186,7 @@ def run() -> Report:
     """Import the stack and every patch's module, check them, dry-run the patches; change nothing."""
     declarations = list(engine.known().values())
     started = time.perf_counter()
-    imported = _import_all(["torch", "transformers", *(d.module for d in declarations)])
+    imported = _import_all(["torch", "transformers", *(m for d in declarations for m in d.modules)])
     import_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -529,20 +529,20 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
         met = ", ".join(f"{n}{s} (found {_version(n)})" for n, s in declaration.requires.items())
         checks.append(Check("requires", OK, met or "no requirements"))
 
-    module = imported.get(declaration.module)
     code: list[gate.CodeCheck] = []
-    if isinstance(module, BaseException):
-        broken.append(f"{declaration.module} cannot be imported: {one_line(module)}")
+    failed = {name: imported.get(name) for name in declaration.modules if isinstance(imported.get(name), BaseException)}
+    for name, error in failed.items():
+        broken.append(f"{name} cannot be imported: {one_line(error)}")
         checks.append(Check("import", severity, broken[-1]))
-    else:
-        missing = [t for t in declaration.targets if not _exists(module, t)]
+    if not failed:
+        missing = [t for t in declaration.targets if not _exists(imported[t.module], t)]
         for target in missing:
             broken.append(f"{target.path} does not exist in the installed code")
             checks.append(Check("target", severity, broken[-1]))
         try:
-            code = gate.code_checks(declaration, module)
+            code = gate.code_checks(declaration) if not missing else []
         except Exception as exc:  # e.g. an install without source files: reported, not fatal to the doctor
-            broken.append(f"cannot fingerprint {declaration.module}: {one_line(exc)}")
+            broken.append(f"cannot fingerprint {', '.join(declaration.modules)}: {one_line(exc)}")
             checks.append(Check("fingerprint", severity, broken[-1]))
         checks += [_code_check(c, severity) for c in code]
         blocking += [f"{c.target}: fingerprint {c.found} is unknown" for c in code if not c.matches]
@@ -647,9 +647,8 @@ def installed_fingerprints() -> list[dict[str, Any]]:
     for declaration in engine.known().values():
         for target in declaration.targets:
             if knowledge.must_match(target.path):
-                path = fingerprint.source_file(target.module)
                 package = targets.setdefault(target.path.split(".", 1)[0].split(":", 1)[0], {})
-                package[target.path] = fingerprint.of_file(path, target.qualname)
+                package[target.path] = fingerprint.of_file(*gate.definition(target))
     return [_release(package, found) for package, found in targets.items()]
 
 

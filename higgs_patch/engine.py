@@ -1,7 +1,7 @@
 """apply / revert / status: the lifecycle of declared patches, symmetric and idempotent.
 
-A patch whose module is already imported is gated and installed at once; otherwise a wrapt
-post-import hook does it when the module is imported, and the patch is ``pending`` until then.
+A patch whose modules are already imported is gated and installed at once; otherwise wrapt
+post-import hooks do it when the last of them is imported, and the patch is ``pending`` until then.
 wrapt cannot deregister hooks, so each hook carries the generation of the request that made it
 and does nothing if that request was reverted meanwhile.
 """
@@ -122,7 +122,7 @@ def _split_options(selected: list[Declaration], options: dict[str, Any]) -> dict
 
 
 def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> bool:
-    """Apply one patch now or when its module is imported; False if it already was."""
+    """Apply one patch now or when its modules are imported; False if it already was."""
     record = _records.setdefault(declaration.id, _Record())
     if record.state in ("applied", "pending"):
         if record.options != options:
@@ -139,30 +139,33 @@ def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> 
         raise
     record.options, record.force = options, force
     record.generation += 1
-    module = sys.modules.get(declaration.module)
-    if module is not None:
-        _install(declaration, record, module, force, warnings)
-    else:
-        record.state, record.reason = "pending", f"waiting for {declaration.module} to be imported"
-        wrapt.register_post_import_hook(_hook(declaration, record.generation, force, warnings), declaration.module)
-        log.info("patch %s %s pending until %s is imported", declaration.id, declaration.version, declaration.module)
+    missing = {name for name in declaration.modules if name not in sys.modules}
+    if not missing:
+        _install(declaration, record, force, warnings)
+        return True
+    record.state, record.reason = "pending", f"waiting for {', '.join(sorted(missing))} to be imported"
+    for name in sorted(missing):
+        wrapt.register_post_import_hook(_hook(declaration, record.generation, missing, force, warnings), name)
+    log.info("patch %s %s pending until %s imported", declaration.id, declaration.version, " and ".join(sorted(missing)))
     return True
 
 
-def _hook(declaration: Declaration, generation: int, force: bool, warnings: list[str]):
+def _hook(declaration: Declaration, generation: int, missing: set[str], force: bool, warnings: list[str]):
     def on_import(module: ModuleType) -> None:
         with _lock:
             record = _records[declaration.id]
             if record.state != "pending" or record.generation != generation:
                 return  # reverted (or re-requested) since this hook was registered
-            _install(declaration, record, module, force, warnings)
+            missing.discard(module.__name__)
+            if not missing:
+                _install(declaration, record, force, warnings)
 
     return on_import
 
 
-def _install(declaration: Declaration, record: _Record, module: ModuleType, force: bool, warnings: list[str]) -> None:
+def _install(declaration: Declaration, record: _Record, force: bool, warnings: list[str]) -> None:
     try:
-        warnings = warnings + gate.require_known_code(declaration, module, force)
+        warnings = warnings + gate.require_known_code(declaration, force)
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
@@ -170,6 +173,7 @@ def _install(declaration: Declaration, record: _Record, module: ModuleType, forc
         log.warning("%s", message)
     try:
         for target in declaration.targets:
+            module = sys.modules[target.module]
             slot = _slots.get(target.path) or Slot(target.path, module, target.qualname, target.names)
             layer = _factory(target.wrapper)(slot.original, record.options)
             slot.add(layer)

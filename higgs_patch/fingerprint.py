@@ -4,6 +4,10 @@ The registry wheels ship CRLF files, a git checkout has LF and reports an older 
 fingerprint is a hash of the syntax tree, so line endings, formatting, comments and docstrings do
 not change it, and any change to the code does. It is serialised field by field, leaving out empty
 fields, so Python versions that add new (empty) AST fields give the same fingerprint.
+
+A target is fingerprinted where it is defined (a method in its class, a function imported into the
+patched module in the module that defines it); a target that is itself a module (the collator's
+``torch``) by the whole module that holds it, since what the patch changes is how that module uses it.
 """
 
 from __future__ import annotations
@@ -18,27 +22,25 @@ from types import ModuleType
 PREFIX = "ast1:"
 
 
-def of_source(source: str | bytes, qualname: str) -> str:
-    """Fingerprint of ``qualname`` in a module's source, or of the whole module if not defined there.
-
-    A target the module only imports (the collator's ``torch``) is fingerprinted by the whole module:
-    what such a patch changes is how every line of that module uses it.
-    """
+def of_source(source: str | bytes, qualname: str | None) -> str:
+    """Fingerprint of the function or class ``qualname`` in a module's source; None: the whole module."""
     if isinstance(source, bytes):
         source = importlib.util.decode_source(source)
     tree = ast.parse(source)
-    node = _find(tree, qualname.split(".")) or tree
+    node = tree if qualname is None else _find(tree, qualname.split("."))
+    if node is None:
+        raise LookupError(f"{qualname} is not defined in this source")
     digest = hashlib.sha256(repr(_canonical(node)).encode("utf-8")).hexdigest()
     return PREFIX + digest[:24]
 
 
-def of_file(path: str, qualname: str) -> str:
+def of_file(path: str, qualname: str | None) -> str:
     stat = os.stat(path)
     return _of_file_cached(path, qualname, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _of_file_cached(path: str, qualname: str, _mtime: int, _size: int) -> str:
+def _of_file_cached(path: str, qualname: str | None, _mtime: int, _size: int) -> str:
     with open(path, "rb") as handle:
         return of_source(handle.read(), qualname)
 

@@ -7,12 +7,17 @@ distribution is a conflict, not a pass. Unknown code is refused unless forced.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import inspect
+import sys
 from dataclasses import dataclass, field
 from types import ModuleType
 
+import wrapt
+
 from . import environment, fingerprint, upstream
-from .declarations import Declaration
+from .declarations import Declaration, Target
 from .errors import IncompatibleUpstreamError
 
 OVERRIDE_HINT = f"pass force=True to apply(), or set {environment.FORCE}=1, to patch it anyway"
@@ -37,6 +42,7 @@ class CodeCheck:
 
     target: str
     file: str
+    qualname: str | None  # None: the whole module
     found: str
     known: dict[str, list[str]] = field(default_factory=dict)
 
@@ -68,17 +74,27 @@ def conflicts(declaration: Declaration) -> list[Conflict]:
     return found
 
 
-def code_checks(declaration: Declaration, module: ModuleType | str) -> list[CodeCheck]:
-    """Fingerprint every target of the declaration that compat/ says must match (module need not be imported)."""
+def definition(target: Target) -> tuple[str, str | None]:
+    """The source file and qualified name that define a target (None: the whole module holding it).
+
+    Imports the target's module. Our own wrappers and views are seen through (``__wrapped__``).
+    """
+    holder = importlib.import_module(target.module)
+    found = inspect.unwrap(wrapt.resolve_path(holder, target.qualname)[2])
+    if isinstance(found, ModuleType) or not hasattr(found, "__qualname__"):
+        return fingerprint.source_file(holder), None
+    return fingerprint.source_file(sys.modules[found.__module__]), found.__qualname__
+
+
+def code_checks(declaration: Declaration) -> list[CodeCheck]:
+    """Fingerprint every target of the declaration that compat/ says must match."""
     knowledge = upstream.knowledge()
     checks = []
     for target in declaration.targets:
-        if not knowledge.must_match(target.path):
-            continue
-        path = fingerprint.source_file(module)
-        checks.append(
-            CodeCheck(target.path, path, fingerprint.of_file(path, target.qualname), knowledge.known(target.path))
-        )
+        if knowledge.must_match(target.path):
+            path, qualname = definition(target)
+            found = fingerprint.of_file(path, qualname)
+            checks.append(CodeCheck(target.path, path, qualname, found, knowledge.known(target.path)))
     return checks
 
 
@@ -88,9 +104,9 @@ def require_stack(declaration: Declaration, force: bool) -> list[str]:
     return _verdict(declaration, "the installed stack does not meet its requirements", problems, force)
 
 
-def require_known_code(declaration: Declaration, module: ModuleType, force: bool) -> list[str]:
+def require_known_code(declaration: Declaration, force: bool) -> list[str]:
     """Raise unless every fingerprinted target is known code; return the warnings a forced pass carries."""
-    problems = [str(check) for check in code_checks(declaration, module) if not check.matches]
+    problems = [str(check) for check in code_checks(declaration) if not check.matches]
     return _verdict(declaration, "its target code is not a known upstream release", problems, force)
 
 

@@ -5,6 +5,9 @@ Labels are aligned with inputs, not shifted: logits at t predict the token at t 
 where every segment starts with -100, so one shift never crosses into the next segment). We shift
 the labels, never the logits: slicing then reshaping, or boolean-mask indexing, would copy logits
 that are gigabytes at training lengths. All codebooks are scored in one call.
+
+With the opt-in ``sparse-text-logits`` patch the model's ``logits`` are compact, one row per
+supervised text position, listed in ``text_logit_positions``; the same function scores them.
 """
 
 from __future__ import annotations
@@ -109,10 +112,13 @@ def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
                 "called without label_ids. Pass label_ids (or labels, with the forward-kwargs-filter patch)."
             )
         return _zero(logits), torch.zeros((), dtype=torch.long, device=logits.device)
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-    total = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()
+    positions = field(outputs, "text_logit_positions")
+    if positions is None:
+        logits = logits.flatten(0, 1)
+    else:  # sparse-text-logits: one row of logits per listed position of the expanded sequence
+        targets = targets[positions]
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (targets != IGNORE_INDEX).sum()
 
 

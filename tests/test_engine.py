@@ -237,7 +237,7 @@ def test_a_declaration_whose_implementation_lies_outside_higgs_patch_is_refused(
 
 def test_a_declaration_inside_higgs_patch_is_accepted():
     declaration = declarations.load(declaration_text("higgs_patch.fixes.forward_kwargs_filter:filter_kwargs"))
-    assert declaration.module == "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
+    assert declaration.modules == ("boson_multimodal.model.higgs_audio.modeling_higgs_audio",)
 
 
 def test_every_shipped_declaration_resolves_to_a_factory_and_a_known_target():
@@ -263,7 +263,7 @@ DOCSTRINGS = {
 
 @pytest.mark.parametrize(
     "module,qualname",
-    [(modeling, "HiggsAudioModel.forward"), (collator_module, "HiggsAudioSampleCollator.__call__"), (collator_module, "torch")],
+    [(modeling, "HiggsAudioModel.forward"), (collator_module, "HiggsAudioSampleCollator.__call__"), (collator_module, None)],
 )
 def test_fingerprint_ignores_line_endings_formatting_and_docstrings_but_not_code(module, qualname):
     crlf = installed_source(module)
@@ -284,7 +284,7 @@ def test_the_installed_upstream_matches_the_known_fingerprints():
     from higgs_patch import gate
 
     for declaration in engine.known().values():
-        for check in gate.code_checks(declaration, declaration.module):
+        for check in gate.code_checks(declaration):
             assert check.matches, str(check)
             assert "boson-multimodal 0.1.1" in check.releases
 
@@ -297,12 +297,12 @@ def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
         """
         import sys, json, higgs_patch
         higgs_patch.apply()
-        before = {s.id: s.state for s in higgs_patch.status()}
+        before = {s.id: s.state for s in higgs_patch.status() if s.default}
         imported = [m for m in ("torch", "transformers", "boson_multimodal") if m in sys.modules]
         import boson_multimodal.model.higgs_audio.modeling_higgs_audio as m
         from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator as C
         import transformers.trainer
-        after = {s.id: s.state for s in higgs_patch.status()}
+        after = {s.id: s.state for s in higgs_patch.status() if s.default}
         wrapped = type(m.HiggsAudioModel.__dict__["forward"]).__name__
         print(json.dumps({"before": before, "imported": imported, "after": after, "wrapped": wrapped}))
         """
@@ -410,3 +410,20 @@ def test_a_module_target_wraps_only_the_functions_its_declaration_names():
     with pytest.raises(ValueError, match="needs the names"):
         slot.add(lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs))
     assert modeling.torch is sys.modules["torch"] and slot.layers == () and slot.installed is None
+
+
+def test_a_patch_over_several_modules_is_pending_on_all_of_them_then_applied():
+    result = run_python(
+        """
+        import json, higgs_patch
+        state = lambda: [(s.state, s.reason) for s in higgs_patch.status() if s.id == "sparse-text-logits"][0]
+        higgs_patch.apply("sparse-text-logits")
+        before = state()
+        import boson_multimodal.model.higgs_audio.modeling_higgs_audio  # imports audio_head on its way
+        print(json.dumps([before, state()]))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    (before, reason), (after, _) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert before == "pending" and "audio_head" in reason and "modeling_higgs_audio" in reason
+    assert after == "applied"
