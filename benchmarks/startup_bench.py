@@ -66,7 +66,7 @@ def _site_dirs(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
         if pth.name != HOOK:
             shutil.copy(pth, without_hook / pth.name)
     if not (with_hook / HOOK).exists():
-        raise RuntimeError(f"{HOOK} is not in {purelib}: install higgs-patch (pip install -e .) first")
+        raise RuntimeError(f"{HOOK} is not in {purelib}: install higgs-patch (pip install .) first")
     return with_hook, without_hook
 
 

@@ -73,33 +73,6 @@ UPSTREAM_INSTALL = "pip install --no-deps boson-multimodal==0.1.1 && pip install
 
 
 @dataclass(frozen=True)
-class KnownBad:
-    """A combination known not to work: the versions of ``distribution`` that do, why, and the fix."""
-
-    distribution: str
-    works: str
-    reason: str
-    fix: str
-
-
-KNOWN_BAD = {
-    "transformers": KnownBad(
-        "transformers",
-        ">=4.46,<4.47",
-        "boson_multimodal needs 4.46.x in practice: HiggsAudioModel(config) fails on 4.45.2 (TypeError: "
-        "argument of type 'HiggsAudioConfig' is not iterable) and it declares <4.47",
-        'pip install "transformers>=4.46,<4.47"',
-    ),
-    "accelerate": KnownBad(
-        "accelerate",
-        ">=0.26",
-        "the transformers Trainer needs accelerate>=0.26",
-        'pip install "accelerate>=0.26"',
-    ),
-}
-
-
-@dataclass(frozen=True)
 class Check:
     name: str
     level: str
@@ -335,7 +308,7 @@ def _versioned(facts: dict[str, Any], distribution: str, imported: dict[str, Any
     """A required distribution, against what is known to work with boson_multimodal."""
     version = _version(distribution)
     facts[distribution] = {"installed": version is not None, "version": version}
-    rule = KNOWN_BAD.get(distribution)
+    rule = _rule(distribution)
     if version is None:
         return Check(distribution, FAIL, "not installed", rule.fix if rule else f"pip install {distribution}")
     failed = imported.get(distribution)
@@ -350,7 +323,21 @@ def _versioned(facts: dict[str, Any], distribution: str, imported: dict[str, Any
 def _optional(facts: dict[str, Any], distribution: str, use: str) -> Check:
     version = _version(distribution)
     facts[distribution] = {"installed": version is not None, "version": version}
+    rule = _rule(distribution)
+    if version and rule and not SpecifierSet(rule.works).contains(version, prereleases=True):
+        return Check(distribution, WARN, f"{version} is outside {rule.works}: {rule.reason}", rule.fix)
     return Check(distribution, OK, version or f"not installed (optional, {use})")
+
+
+def _rule(distribution: str) -> upstream.KnownBad | None:
+    """compat/matrix.toml's known-bad rule for ``distribution`` that holds in this environment, if any."""
+    for rule in upstream.known_bad():
+        if rule.distribution == distribution and all(
+            (found := _version(other)) is not None and SpecifierSet(spec).contains(found, prereleases=True)
+            for other, spec in rule.when.items()
+        ):
+            return rule
+    return None
 
 
 def _wrapt(facts: dict[str, Any]) -> Check:

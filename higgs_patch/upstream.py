@@ -21,6 +21,17 @@ class Release:
 
 
 @dataclass(frozen=True)
+class KnownBad:
+    """A combination known not to work: the versions of ``distribution`` that do, why, and the fix."""
+
+    distribution: str
+    works: str
+    reason: str
+    fix: str
+    when: dict[str, str]  # other distributions' ranges under which the rule holds
+
+
+@dataclass(frozen=True)
 class Knowledge:
     fingerprinted: tuple[str, ...]  # top-level packages whose targets must match a known fingerprint
     releases: tuple[Release, ...]
@@ -37,10 +48,22 @@ class Knowledge:
         return found
 
 
+def _read(name: str) -> dict:
+    return tomllib.loads(resources.files("higgs_patch.compat").joinpath(name).read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=1)
+def known_bad() -> tuple[KnownBad, ...]:
+    """The combinations compat/matrix.toml knows not to work."""
+    return tuple(
+        KnownBad(e["distribution"], e["works"], e["reason"], e["fix"], dict(e.get("when", {})))
+        for e in _read("matrix.toml").get("known-bad", [])
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def knowledge() -> Knowledge:
-    text = resources.files("higgs_patch.compat").joinpath("fingerprints.toml").read_text(encoding="utf-8")
-    data = tomllib.loads(text)
+    data = _read("fingerprints.toml")
     releases = tuple(
         Release(name=entry["name"], origin=entry.get("origin", ""), fingerprints=dict(entry["targets"]))
         for entry in data.get("release", [])

@@ -262,6 +262,17 @@ def test_doctor_warns_about_a_torchaudio_that_cannot_do_audio_io(tmp_path):
     assert report["environment"]["torchaudio"] == {"installed": True, "version": "2.9.1", "wav_roundtrip": False}
 
 
+def test_doctor_warns_about_a_known_bad_peft_from_compat(tmp_path):
+    """compat/matrix.toml: peft 0.21 with torch 2.13 crashes in get_peft_model; doctor says so, with the fix."""
+    (tmp_path / "peft-0.21.2.dist-info").mkdir()
+    (tmp_path / "peft-0.21.2.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.21.2\n")
+    done = run("doctor", "--json", pythonpath=tmp_path)
+    report = json.loads(done.stdout)
+    check = next(c for c in report["checks"] if c["name"] == "peft")
+    assert check["level"] == "warn" and "torch.distributed" in check["detail"] and "peft==0.13.2" in check["fix"]
+    assert done.returncode == 0 and report["counts"]["fail"] == 0  # optional: a warning, exit 1 only with --strict
+
+
 def test_provenance_reads_git_files(tmp_path):
     checkout = tmp_path / "higgs-audio"
     package = checkout / "boson_multimodal"
