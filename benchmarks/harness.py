@@ -8,6 +8,7 @@ the median of the per-repeat ratios (``paired``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -138,6 +139,13 @@ def run_child(script: str, *args: str, timeout: float = 300) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_main(description: str, measure: Callable[[str], dict], variants) -> None:
+    """What ``run_child`` runs: ``--memory NAME`` measures one variant and prints its JSON last."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--memory", choices=sorted(variants), required=True)
+    print(json.dumps(measure(parser.parse_args().memory)))
 
 
 # -- peak resident memory ------------------------------------------------------------------------

@@ -23,16 +23,14 @@ That growth includes ``logits.grad`` (the same 262 MB for every variant).
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from harness import Row, interleave, median, now, paired, peak_bytes, reset_peak, rss_bytes, run_child
+from harness import Row, child_main, interleave, median, now, paired, peak_bytes, reset_peak, rss_bytes, run_child
 
 IGNORE = -100
 FULL = dict(batch=2, tokens=1024, vocab=32000, audio_tokens=500, codebooks=8, codebook_vocab=1026)
@@ -199,11 +197,5 @@ def run(quick: bool) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory", choices=sorted(VARIANTS), required=True)
-    print(json.dumps(measure_memory(parser.parse_args().memory)))
-
-
 if __name__ == "__main__":
-    main()
+    child_main(__doc__.splitlines()[0], measure_memory, VARIANTS)

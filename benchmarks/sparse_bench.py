@@ -10,15 +10,13 @@ Time: interleaved in this process. Memory: peak RSS growth of one step, each in 
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import higgs_patch
-from harness import Row, interleave, median, now, paired, peak_bytes, reset_peak, rss_bytes, run_child
+from harness import Row, child_main, interleave, median, now, paired, peak_bytes, reset_peak, rss_bytes, run_child
 
 VOCAB = 128_256
 PROMPT, ANSWER, REFERENCE, TARGET = 7, 41, 998, 998  # 7 + 41 + (998 + 2) + (998 + 2) = 2,048 positions
@@ -104,11 +102,5 @@ def run(quick: bool) -> list[Row]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory", choices=sorted(VARIANTS), required=True)
-    print(json.dumps(measure_memory(parser.parse_args().memory)))
-
-
 if __name__ == "__main__":
-    main()
+    child_main(__doc__.splitlines()[0], measure_memory, VARIANTS)

@@ -27,27 +27,20 @@ import transformers.trainer
 
 Collator = collator_module.HiggsAudioSampleCollator
 Model = modeling.HiggsAudioModel
-ORIGINALS = {
-    "forward": Model.__dict__["forward"],
-    "__call__": Collator.__dict__["__call__"],
-    "torch": collator_module.torch,
-    "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
-    "log": transformers.trainer.Trainer.__dict__["log"],
-    "get_batch_samples": transformers.trainer.Trainer.__dict__["get_batch_samples"],
-}
 FORWARD = "boson_multimodal.model.higgs_audio.modeling_higgs_audio:HiggsAudioModel.forward"
 CALL = "boson_multimodal.data_collator.higgs_audio_collator:HiggsAudioSampleCollator.__call__"
 
 
-def current() -> dict[str, object]:
+def current(default_only: bool = False) -> dict[str, object]:
+    """The object at every patch target now: raw class attributes, as the slots see them."""
     return {
-        "forward": Model.__dict__["forward"],
-        "__call__": Collator.__dict__["__call__"],
-        "torch": collator_module.torch,
-        "compute_loss": transformers.trainer.Trainer.__dict__["compute_loss"],
-        "log": transformers.trainer.Trainer.__dict__["log"],
-        "get_batch_samples": transformers.trainer.Trainer.__dict__["get_batch_samples"],
+        target.path: wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
+        for declaration in engine.known().values() if declaration.default or not default_only
+        for target in declaration.targets
     }
+
+
+ORIGINALS = current()
 
 
 def originals_back() -> bool:
@@ -74,8 +67,8 @@ def test_apply_wraps_every_default_target_and_revert_restores_the_originals_by_i
     report = higgs_patch.apply()
     assert {s.id for s in report} == {s.id for s in higgs_patch.status() if s.default}
     assert all(s.state == "applied" for s in report)
-    assert all(current()[name] is not original for name, original in ORIGINALS.items())
-    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS["forward"]
+    assert all(now is not ORIGINALS[path] for path, now in current(default_only=True).items())
+    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
 
     reverted = higgs_patch.revert()
     assert all(s.state == "not-applied" for s in reverted)
@@ -86,7 +79,7 @@ def test_a_subset_applies_only_the_named_patch():
     higgs_patch.apply("forward-kwargs-filter")
     assert states()["forward-kwargs-filter"] == "applied"
     assert {pid for pid, state in states().items() if state != "not-applied"} == {"forward-kwargs-filter"}
-    assert Collator.__dict__["__call__"] is ORIGINALS["__call__"]
+    assert Collator.__dict__["__call__"] is ORIGINALS[CALL]
     higgs_patch.revert("forward-kwargs-filter")
     assert originals_back()
 
@@ -108,7 +101,7 @@ def test_apply_twice_installs_one_layer():
     higgs_patch.apply()
     higgs_patch.apply()
     wrapper = Model.__dict__["forward"]
-    assert wrapper.__wrapped__ is ORIGINALS["forward"]
+    assert wrapper.__wrapped__ is ORIGINALS[FORWARD]
     assert len(engine._slots[FORWARD].layers) == 1
     assert len(engine._slots[CALL].layers) == 2  # two different patches on the collator's __call__
 
@@ -130,7 +123,7 @@ def test_eight_threads_applying_at_once_install_one_layer():
     for thread in threads:
         thread.join()
     assert errors == []
-    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS["forward"]
+    assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
     assert len(engine._slots[FORWARD].layers) == 1
     assert len(engine._slots[CALL].layers) == 2
 
@@ -197,7 +190,7 @@ def test_revert_leaves_a_later_foreign_wrapper_in_place_and_says_so(patch_log):
         with pytest.raises(TypeError, match="labels"):  # ours passes straight through now
             model(input_ids=tiny.collator()([tiny.sample()]).input_ids, labels=None)
     finally:
-        Model.forward = ORIGINALS["forward"]
+        Model.forward = ORIGINALS[FORWARD]
         engine._slots.pop(FORWARD, None)
 
 
