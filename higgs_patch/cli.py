@@ -251,16 +251,16 @@ def fingerprint(as_json: bool) -> None:
     Printed in the form compat/fingerprints.toml stores, so supporting a new upstream release is a
     data change.
     """
-    from . import doctor as checks
+    from . import provenance
 
     try:
-        releases = checks.installed_fingerprints()
+        releases = provenance.installed_fingerprints()
     except Exception as exc:
         raise click.ClickException(f"cannot read the installed upstream: {type(exc).__name__}: {exc}") from None
     if as_json:
         click.echo(json.dumps({"schema": 1, "releases": releases}, indent=2))
     else:
-        click.echo(checks.fingerprints_toml(releases), nl=False)
+        click.echo(provenance.fingerprints_toml(releases), nl=False)
 
 
 if __name__ == "__main__":

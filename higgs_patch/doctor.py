@@ -44,24 +44,23 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import wrapt
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from . import __version__, engine, environment, fingerprint, gate, upstream
+from . import __version__, engine, environment, gate, provenance, upstream
 from .declarations import Declaration, Target
 from .errors import PatchError
 
@@ -360,7 +359,7 @@ def _wrapt(facts: dict[str, Any]) -> Check:
 
 
 def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
-    distribution = _distribution(UPSTREAM)
+    distribution = provenance.distribution_of(UPSTREAM)
     version = distribution.version if distribution else None
     info: dict[str, Any] = {
         "installed": version is not None, "version": version, "importable": False, "error": None,
@@ -384,117 +383,16 @@ def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
     if package is None:  # no patch targets it: nothing to check
         return Check(UPSTREAM, OK if version else WARN, version or "not installed")
     location = Path(package.__file__).resolve().parent
-    info.update(importable=True, location=str(location), **provenance(distribution, location))
+    info.update(importable=True, location=str(location), **provenance.origin(distribution, location))
     where = f"{version or 'no distribution metadata'} from {location}"
-    origin = describe(info)
-    shadowed = _shadowed(distribution, location)
+    origin = provenance.describe(info)
+    shadowed = provenance.shadowed(distribution, location)
     if shadowed:
         return Check(
             UPSTREAM, WARN, f"{where} ({origin}), not from the installed distribution at {shadowed}",
             "check PYTHONPATH and the working directory: they put another copy first",
         )
     return Check(UPSTREAM, OK, f"{where} ({origin})")
-
-
-def _distribution(package: str) -> importlib.metadata.Distribution | None:
-    try:
-        return importlib.metadata.distribution(package)
-    except importlib.metadata.PackageNotFoundError:
-        names = importlib.metadata.packages_distributions().get(package, [])
-        return importlib.metadata.distribution(names[0]) if names else None
-
-
-def _shadowed(distribution: importlib.metadata.Distribution | None, location: Path) -> str | None:
-    """Where the distribution's own copy is, when the package was imported from somewhere else."""
-    if distribution is None:
-        return None
-    own = Path(distribution.locate_file(f"{location.name}/__init__.py"))
-    if not own.is_file() or own.resolve().parent == location:
-        return None
-    return str(own.resolve().parent)
-
-
-def provenance(distribution: importlib.metadata.Distribution | None, location: Path) -> dict[str, Any]:
-    """Editable / VCS install and commit, read from files only (direct_url.json, .git), never running git."""
-    found: dict[str, Any] = {"editable": False, "url": None, "commit": None, "checkout": None}
-    text = distribution.read_text("direct_url.json") if distribution else None
-    if text:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = {}
-        found["url"] = data.get("url")
-        found["editable"] = bool(data.get("dir_info", {}).get("editable"))
-        found["commit"] = data.get("vcs_info", {}).get("commit_id")
-    for folder in (location, *list(location.parents)[:2]):
-        head = _git_head(folder / ".git")
-        if head:
-            found["commit"] = head
-            found["url"] = found["url"] or _git_remote(folder / ".git") or f"file://{folder}"
-            found["checkout"] = str(folder)
-            break
-    return found
-
-
-def describe(info: dict[str, Any]) -> str:
-    if info.get("checkout"):
-        commit = (info.get("commit") or "")[:7] or "unknown commit"
-        return f"git checkout at {commit}" + (", editable install" if info["editable"] else "")
-    if info["editable"]:
-        return f"editable install of {info['url']}"
-    if info.get("commit"):
-        return f"installed from {info['url']} at {info['commit'][:7]}"
-    if info.get("url"):
-        return f"installed from {info['url']}"
-    return "installed from a package index"
-
-
-def _git_dir(dot_git: Path) -> Path | None:
-    if dot_git.is_dir():
-        return dot_git
-    if dot_git.is_file():  # a worktree or submodule: "gitdir: <path>"
-        text = dot_git.read_text(encoding="utf-8", errors="replace").strip()
-        if text.startswith("gitdir:"):
-            return (dot_git.parent / text.partition(":")[2].strip()).resolve()
-    return None
-
-
-def _git_head(dot_git: Path) -> str | None:
-    folder = _git_dir(dot_git)
-    if folder is None or not (folder / "HEAD").is_file():
-        return None
-    head = (folder / "HEAD").read_text(encoding="utf-8", errors="replace").strip()
-    if not head.startswith("ref:"):
-        return head or None
-    ref = head.partition(":")[2].strip()
-    common = folder
-    if (folder / "commondir").is_file():
-        common = (folder / (folder / "commondir").read_text(encoding="utf-8").strip()).resolve()
-    for base in (folder, common):
-        if (base / ref).is_file():
-            return (base / ref).read_text(encoding="utf-8", errors="replace").strip() or None
-    packed = common / "packed-refs"
-    if packed.is_file():
-        for line in packed.read_text(encoding="utf-8", errors="replace").splitlines():
-            sha, _, name = line.partition(" ")
-            if name.strip() == ref:
-                return sha
-    return None
-
-
-def _git_remote(dot_git: Path) -> str | None:
-    folder = _git_dir(dot_git)
-    config = folder / "config" if folder else None
-    if config is None or not config.is_file():
-        return None
-    in_origin = False
-    for line in config.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            in_origin = line.replace(" ", "") == '[remote"origin"]'
-        elif in_origin and line.startswith("url"):
-            return line.partition("=")[2].strip()
-    return None
 
 
 # --- the patches ---------------------------------------------------------------------------------
@@ -622,53 +520,6 @@ def _dry_run(declaration: Declaration, state: str, would_apply: bool, states: di
 
 def _resolve(target: Target) -> object:
     return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
-
-
-# --- fingerprints of the installed upstream ------------------------------------------------------
-
-
-def installed_fingerprints() -> list[dict[str, Any]]:
-    """One release entry per fingerprinted package, as compat/fingerprints.toml stores it."""
-    knowledge = upstream.knowledge()
-    targets: dict[str, dict[str, str]] = {}
-    for declaration in engine.known().values():
-        for target in declaration.targets:
-            if knowledge.must_match(target.path):
-                package = targets.setdefault(target.path.split(".", 1)[0].split(":", 1)[0], {})
-                package[target.path] = fingerprint.of_file(*gate.definition(target))
-    return [_release(package, found) for package, found in targets.items()]
-
-
-def _release(package: str, targets: dict[str, str]) -> dict[str, Any]:
-    distribution = _distribution(package)
-    spec = importlib.util.find_spec(package)
-    location = Path(spec.origin).resolve().parent if spec and spec.origin else None
-    info = provenance(distribution, location) if location else {"editable": False, "url": None, "commit": None}
-    name = canonicalize_name(distribution.metadata["Name"]) if distribution else package
-    version = distribution.version if distribution else "unknown"
-    if info.get("commit") and info.get("url") and "github.com" in info["url"]:
-        repository = info["url"].split("github.com", 1)[1].strip(":/").removesuffix(".git")
-        release = f"{repository}@{info['commit'][:7]}"
-    elif info.get("commit"):
-        release = f"{name} {version}@{info['commit'][:7]}"
-    else:
-        release = f"{name} {version}"
-    files = {fingerprint.source_file(path.partition(":")[0]) for path in targets}
-    endings = sorted({"CRLF" if b"\r\n" in Path(f).read_bytes() else "LF" for f in files})
-    origin = f"{describe(info)} ({' and '.join(endings)} line endings), version {version}"
-    return {"name": release, "origin": origin, "package": package, "location": str(location), "targets": targets}
-
-
-def fingerprints_toml(releases: list[dict[str, Any]]) -> str:
-    lines = [
-        f"# The installed upstream's fingerprints, printed by higgs-patch {__version__} (`higgs-patch fingerprint`).",
-        "# Once the test suite passes against this code, add the block to compat/fingerprints.toml.",
-    ]
-    for release in releases:
-        lines += ["", "[[release]]", f"name = {json.dumps(release['name'])}"]
-        lines += [f"origin = {json.dumps(release['origin'])}", "[release.targets]"]
-        lines += [f"{json.dumps(path)} = {json.dumps(found)}" for path, found in release["targets"].items()]
-    return "\n".join(lines) + "\n"
 
 
 # --- text ----------------------------------------------------------------------------------------

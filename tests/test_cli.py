@@ -24,7 +24,7 @@ import wrapt
 from click.testing import CliRunner
 
 import higgs_patch
-from higgs_patch import doctor, engine
+from higgs_patch import doctor, engine, provenance
 from higgs_patch.cli import main
 
 PATCH_IDS = list(engine.known())
@@ -284,12 +284,12 @@ def test_provenance_reads_git_files(tmp_path):
         '[core]\n\tbare = false\n[remote "origin"]\n\turl = https://github.com/boson-ai/higgs-audio.git\n'
     )
     (git / "packed-refs").write_text("# pack-refs with: peeled\n" + "f04f5df" + "0" * 33 + " refs/heads/main\n")
-    found = doctor.provenance(None, package)
+    found = provenance.origin(None, package)
     assert found["commit"] == "f04f5df" + "0" * 33 and found["url"].endswith("boson-ai/higgs-audio.git")
-    assert doctor.describe(found) == "git checkout at f04f5df"
+    assert provenance.describe(found) == "git checkout at f04f5df"
     (git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
-    assert doctor.provenance(None, package)["commit"] == "a" * 40
-    assert doctor.provenance(None, tmp_path / "elsewhere" / "pkg")["commit"] is None
+    assert provenance.origin(None, package)["commit"] == "a" * 40
+    assert provenance.origin(None, tmp_path / "elsewhere" / "pkg")["commit"] is None
 
 
 # --- fingerprint ---------------------------------------------------------------------------------

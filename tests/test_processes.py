@@ -12,7 +12,6 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 
 import higgs_patch
