@@ -1,9 +1,10 @@
 """apply / revert / status: the lifecycle of declared patches, symmetric and idempotent.
 
-A patch whose modules are already imported is gated and installed at once; otherwise wrapt
-post-import hooks do it when the last of them is imported, and the patch is ``pending`` until then.
-wrapt cannot deregister hooks, so each hook carries the generation of the request that made it
-and does nothing if that request was reverted meanwhile.
+A patch whose modules are already imported is gated and installed at once; otherwise a wrapt
+post-import hook does it when the last of them is imported, and the patch is ``pending`` until then.
+There is one hook per module, which installs every patch waiting for it and only then raises what
+refused, so one refusal never strands another patch in ``pending``. wrapt cannot deregister hooks:
+a hook that fires after its patches were reverted finds nothing waiting and does nothing.
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ class _Record:
     reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
-    generation: int = 0
+    warnings: list[str] = field(default_factory=list)  # from the stack check, logged at install
+    missing: set[str] = field(default_factory=set)  # modules a pending patch still waits for
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
 
 
 _lock = threading.RLock()
 _records: dict[str, _Record] = {}
 _slots: dict[str, Slot] = {}
+_waiting: dict[str, list[str]] = {}  # module name -> ids of the pending patches that wait for it
 _declarations: dict[str, Declaration] | None = None
 
 
@@ -137,35 +140,46 @@ def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> 
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
-    record.options, record.force = options, force
-    record.generation += 1
-    missing = {name for name in declaration.modules if name not in sys.modules}
-    if not missing:
-        _install(declaration, record, force, warnings)
+    record.options, record.force, record.warnings = options, force, warnings
+    record.missing = {name for name in declaration.modules if name not in sys.modules}
+    if not record.missing:
+        _install(declaration, record)
         return True
-    record.state, record.reason = "pending", f"waiting for {', '.join(sorted(missing))} to be imported"
-    for name in sorted(missing):
-        wrapt.register_post_import_hook(_hook(declaration, record.generation, missing, force, warnings), name)
-    log.info("patch %s %s pending until %s imported", declaration.id, declaration.version, " and ".join(sorted(missing)))
+    missing = sorted(record.missing)
+    record.state, record.reason = "pending", f"waiting for {', '.join(missing)} to be imported"
+    for name in missing:
+        if name not in _waiting:
+            _waiting[name] = []
+            wrapt.register_post_import_hook(_on_import, name)
+        _waiting[name].append(declaration.id)
+    log.info("patch %s %s pending until %s imported", declaration.id, declaration.version, " and ".join(missing))
     return True
 
 
-def _hook(declaration: Declaration, generation: int, missing: set[str], force: bool, warnings: list[str]):
-    def on_import(module: ModuleType) -> None:
-        with _lock:
-            record = _records[declaration.id]
-            if record.state != "pending" or record.generation != generation:
-                return  # reverted (or re-requested) since this hook was registered
-            missing.discard(module.__name__)
-            if not missing:
-                _install(declaration, record, force, warnings)
+def _on_import(module: ModuleType) -> None:
+    """The post-import hook of one module: install what waited for it, then raise what refused."""
+    with _lock:
+        refused: list[PatchError] = []
+        for patch_id in _waiting.pop(module.__name__, []):
+            record = _records[patch_id]
+            if record.state != "pending" or module.__name__ not in record.missing:
+                continue  # reverted since it asked
+            record.missing.discard(module.__name__)
+            if not record.missing:
+                try:
+                    _install(known()[patch_id], record)
+                except PatchError as exc:
+                    refused.append(exc)
+        _publish()
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        raise PatchError("\n".join(str(exc) for exc in refused))
 
-    return on_import
 
-
-def _install(declaration: Declaration, record: _Record, force: bool, warnings: list[str]) -> None:
+def _install(declaration: Declaration, record: _Record) -> None:
     try:
-        warnings = warnings + gate.require_known_code(declaration, force)
+        warnings = record.warnings + gate.require_known_code(declaration, record.force)
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
@@ -202,7 +216,7 @@ def _revert_one(patch_id: str) -> None:
     record = _records.get(patch_id)
     if record is None or record.state not in ("applied", "pending"):
         return
-    record.generation += 1
+    record.missing.clear()
     _remove_layers(record)
     record.state, record.reason = "not-applied", ""
     log.info("patch %s reverted", patch_id)

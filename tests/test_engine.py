@@ -419,3 +419,32 @@ def test_a_patch_over_several_modules_is_pending_on_all_of_them_then_applied():
     (before, reason), (after, _) = json.loads(result.stdout.strip().splitlines()[-1])
     assert before == "pending" and "audio_head" in reason and "modeling_higgs_audio" in reason
     assert after == "applied"
+
+
+def test_a_refusal_at_import_raises_there_and_strands_no_other_patch_in_pending(tmp_path):
+    """Only the collator module's helper changes: device-tensor-factory (whole module) is refused at
+    import, collator-audio-index (its __call__ only) is applied by the same hook."""
+    root = tmp_path / "upstream"
+    shutil.copytree(Path(collator_module.__file__).parents[1], root / "boson_multimodal")
+    target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
+    source = target.read_bytes()
+    target.write_bytes(source.replace(b"return (n + round_to - 1) // round_to * round_to", b"return -(-n // round_to) * round_to"))
+    assert target.read_bytes() != source
+    result = run_python(
+        """
+        import json, higgs_patch
+        higgs_patch.apply("device-tensor-factory", "collator-audio-index")  # the refused one asks first
+        try:
+            import boson_multimodal.data_collator.higgs_audio_collator
+            outcome = "imported"
+        except higgs_patch.IncompatibleUpstreamError as exc:
+            outcome = str(exc)
+        print(json.dumps({"outcome": outcome, "states": {s.id: s.state for s in higgs_patch.status()}}))
+        """,
+        pythonpath=str(root),
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "device-tensor-factory" in data["outcome"] and "higgs_audio_collator:torch" in data["outcome"]
+    assert data["states"]["collator-audio-index"] == "applied"
+    assert data["states"]["device-tensor-factory"] == "incompatible"
