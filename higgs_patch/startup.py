@@ -38,8 +38,10 @@ def process_startup() -> None:
     from . import engine
 
     patches, force = decode(value)
-    for patch_id, options in patches.items():
-        engine.apply(patch_id, force=force, **options)
+    if not patches:
+        return
+    options = {name: value for chosen in patches.values() for name, value in chosen.items()}
+    engine.apply(*patches, force=force, **options)  # one call: atomic, as in the parent
 
 
 def exec_with_patches(command: list[str], ids: tuple[str, ...], options: dict[str, Any], force: bool) -> None:
