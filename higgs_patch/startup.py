@@ -40,7 +40,7 @@ def process_startup() -> None:
     patches, force = decode(value)
     if not patches:
         return
-    options = {name: value for chosen in patches.values() for name, value in chosen.items()}
+    options = {name: setting for chosen in patches.values() for name, setting in chosen.items()}
     engine.apply(*patches, force=force, **options)  # one call: atomic, as in the parent
 
 
