@@ -170,6 +170,10 @@ def _on_import(module: ModuleType) -> None:
                     _install(known()[patch_id], record)
                 except PatchError as exc:
                     refused.append(exc)
+                except Exception as exc:  # raised after the others are installed, named, with its cause
+                    failed = PatchError(f"patch {patch_id!r} failed while installing on import: {exc}")
+                    failed.__cause__ = exc
+                    refused.append(failed)
         _publish()
     if len(refused) == 1:
         raise refused[0]

@@ -106,7 +106,10 @@ def require_stack(declaration: Declaration, force: bool) -> list[str]:
 
 def require_known_code(declaration: Declaration, force: bool) -> list[str]:
     """Raise unless every fingerprinted target is known code; return the warnings a forced pass carries."""
-    problems = [str(check) for check in code_checks(declaration) if not check.matches]
+    try:
+        problems = [str(check) for check in code_checks(declaration) if not check.matches]
+    except Exception as exc:  # no source file, a target gone: unknown code, refused like any other
+        problems = [f"cannot fingerprint its targets: {type(exc).__name__}: {exc}"]
     return _verdict(declaration, "its target code is not a known upstream release", problems, force)
 
 

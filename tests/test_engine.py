@@ -448,3 +448,33 @@ def test_a_refusal_at_import_raises_there_and_strands_no_other_patch_in_pending(
     assert "device-tensor-factory" in data["outcome"] and "higgs_audio_collator:torch" in data["outcome"]
     assert data["states"]["collator-audio-index"] == "applied"
     assert data["states"]["device-tensor-factory"] == "incompatible"
+
+
+def test_a_patch_that_fails_while_installing_on_import_is_named_and_not_left_pending():
+    result = run_python(
+        """
+        import json, higgs_patch
+        higgs_patch.apply("trainer-compute-loss", text_loss_weight="heavy")  # its factory raises ValueError
+        try:
+            import transformers.trainer
+            outcome = "imported"
+        except higgs_patch.PatchError as exc:
+            outcome = f"{type(exc).__name__}: {exc} (cause {type(exc.__cause__).__name__})"
+        print(json.dumps({"outcome": outcome, "state": higgs_patch.status()[-1].state}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["outcome"].startswith("PatchError: patch 'trainer-compute-loss' failed while installing on import")
+    assert data["outcome"].endswith("(cause ValueError)")
+    assert data["state"] == "not-applied"
+
+
+def test_a_target_whose_code_cannot_be_read_is_refused_as_unknown_code(monkeypatch):
+    declaration = engine.known()["forward-kwargs-filter"]
+    gone = declarations.Target(FORWARD.replace(".forward", ".no_such_method"), declaration.targets[0].wrapper)
+    monkeypatch.setitem(engine.known(), "forward-kwargs-filter", dataclasses.replace(declaration, targets=(gone,)))
+    with pytest.raises(higgs_patch.IncompatibleUpstreamError, match="cannot fingerprint its targets"):
+        higgs_patch.apply("forward-kwargs-filter")
+    assert states()["forward-kwargs-filter"] == "incompatible"
+    assert Model.__dict__["forward"] is ORIGINALS[FORWARD]
