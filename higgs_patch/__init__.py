@@ -9,8 +9,8 @@ Importing this package imports neither torch, transformers nor boson_multimodal.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .engine import PatchStatus, apply, revert, status

@@ -96,6 +96,11 @@ def higgs_audio_loss(
     )
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with inputs, shifted so that position t holds the target of the logits at t."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def field(container: Any, name: str) -> Any:
     if isinstance(container, Mapping):
         return container.get(name)
@@ -112,7 +117,7 @@ def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
                 "called without label_ids. Pass label_ids (or labels, with the forward-kwargs-filter patch)."
             )
         return _zero(logits), torch.zeros((), dtype=torch.long, device=logits.device)
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()
+    targets = next_token_targets(labels).flatten()
     positions = field(outputs, "text_logit_positions")
     if positions is None:
         logits = logits.flatten(0, 1)
@@ -139,7 +144,7 @@ def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, 
             f"label_audio_ids has shape {tuple(labels.shape)} but audio_logits {tuple(logits.shape)} needs "
             f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}"
         )
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].t()  # (tokens, codebooks)
+    targets = next_token_targets(labels).t()  # (tokens, codebooks)
     losses = F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(targets)

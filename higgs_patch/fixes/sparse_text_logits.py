@@ -26,9 +26,9 @@ import contextvars
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..loss import IGNORE_INDEX, next_token_targets
+
 POSITIONS = "text_logit_positions"
 
 
@@ -83,8 +83,8 @@ def project_sparse(original: Callable[..., Any], options: Mapping[str, Any]):
         if state is None or state.labels is None or instance.config.audio_decoder_proj_num_layers > 0 or call["use_cache"]:
             return wrapped(*args, **kwargs)
         hidden, audio_out_mask = call["hidden_states"], call["audio_out_mask"]
-        targets = F.pad(state.labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        state.positions = (targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = next_token_targets(state.labels).flatten()
+        state.positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         logits = instance.text_lm_head(hidden.flatten(0, 1).index_select(0, state.positions))
         audio_hidden = hidden[audio_out_mask]
         return (
