@@ -1,6 +1,7 @@
 """The built-in tiny default: a real Higgs Audio model, collator and samples, small enough for a CPU.
 
-About 124 K parameters (256-token vocabulary, hidden size 64, 2 layers, 4 codebooks of 32 codes),
+The released architecture (``dual_ffn_fast_forward``, DualFFN on every layer), shrunk: about 174 K
+parameters (256-token vocabulary, hidden size 64, 2 layers, 4 codebooks of 32 codes),
 random weights, nothing downloaded. ``higgs-patch smoke`` trains it; the tests build on it.
 
 This module imports torch and boson_multimodal; ``import higgs_patch`` never imports it.
@@ -34,14 +35,19 @@ def config(**overrides) -> HiggsAudioConfig:
             model_type="higgs_audio_encoder", d_model=64, encoder_layers=1, encoder_attention_heads=2,
             encoder_ffn_dim=64, num_mel_bins=128,
         ),
+        audio_adapter_type="dual_ffn_fast_forward",  # as released; the default "stack" builds plain Llama layers
         skip_audio_tower=True, encode_whisper_embed=False, encode_audio_in_tokens=True,
-        audio_dual_ffn_layers=[0, 1], audio_ffn_hidden_size=64, audio_ffn_intermediate_size=128,
+        audio_ffn_hidden_size=64, audio_ffn_intermediate_size=128,
         audio_num_codebooks=CODEBOOKS, audio_codebook_size=CODEBOOK_SIZE,
         audio_stream_bos_id=AUDIO_BOS, audio_stream_eos_id=AUDIO_EOS,
         audio_in_token_idx=AUDIO_IN, audio_out_token_idx=AUDIO_OUT, pad_token_id=PAD,
         audio_out_bos_token_id=252, audio_eos_token_id=253,
     )
     settings.update(overrides)
+    if "audio_dual_ffn_layers" not in overrides:  # DualFFN on every layer, as released
+        layers = settings["text_config"]
+        layers = layers.get("num_hidden_layers") if isinstance(layers, dict) else layers.num_hidden_layers
+        settings["audio_dual_ffn_layers"] = list(range(layers))
     return HiggsAudioConfig(**settings)
 
 
