@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,6 +24,14 @@ import torch.nn.functional as F
 log = logging.getLogger("higgs_patch")
 
 IGNORE_INDEX = -100
+
+#: The Trainer's ``label_smoothing_factor`` while it computes a loss (set by trainer-compute-loss,
+#: read by model-loss when the model scores its own output).
+trainer_label_smoothing: ContextVar[float] = ContextVar("higgs_patch_label_smoothing", default=0.0)
+#: The losses computed during one Trainer training step, for its logs (opened by trainer-compute-loss).
+step_losses: ContextVar["list[HiggsAudioLoss] | None"] = ContextVar("higgs_patch_step_losses", default=None)
+
+_CACHE = "_higgs_patch_losses"  # attribute of a model output: the losses already computed from it
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ def higgs_audio_loss(
     *,
     text_loss_weight: float | None = None,
     audio_loss_weight: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> HiggsAudioLoss:
     """Cross-entropy of a ``HiggsAudioModel`` output against the batch it was computed from.
 
@@ -68,10 +78,28 @@ def higgs_audio_loss(
     The total is the mean of the components that have supervised tokens; with either weight given it
     is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a missing
     weight counts 1). With no supervised token at all the loss is an exact zero, still connected to
-    the graph, and a warning is logged.
+    the graph, and a warning is logged. ``label_smoothing`` smooths text and audio targets as the
+    Trainer's ``label_smoothing_factor`` does.
+
+    The result is remembered on ``outputs``: asking again for the same output, audio labels and
+    settings (the model's own loss, then a trainer's call) returns it instead of scoring twice.
     """
-    text_sum, text_count = _text_terms(outputs, batch)
-    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    key = (text_loss_weight, audio_loss_weight, label_smoothing)
+    result = _remembered(outputs, batch, key)
+    if result is None:
+        result = _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
+        _remember(outputs, batch, key, result)
+    recorded = step_losses.get()
+    if recorded is not None and all(item is not result for item in recorded):
+        recorded.append(result)
+    return result
+
+
+def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing) -> HiggsAudioLoss:
+    text_sum, text_count = _text_terms(outputs, batch, label_smoothing)
+    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch, label_smoothing)
     text_tokens, audio_tokens = (int(n) for n in torch.stack([text_count, audio_count]).tolist())
 
     text = text_sum / text_tokens if text_tokens else None
@@ -96,6 +124,21 @@ def higgs_audio_loss(
     )
 
 
+def _remembered(outputs: Any, batch: Any, key: tuple) -> HiggsAudioLoss | None:
+    for audio_labels, settings, result in getattr(outputs, _CACHE, ()):
+        if audio_labels is field(batch, "label_audio_ids") and settings == key:
+            return result
+    return None
+
+
+def _remember(outputs: Any, batch: Any, key: tuple, result: HiggsAudioLoss) -> None:
+    entry = (field(batch, "label_audio_ids"), key, result)
+    try:  # a model output takes attributes; a plain dict or tuple does not, and is simply not cached
+        object.__setattr__(outputs, _CACHE, getattr(outputs, _CACHE, ()) + (entry,))
+    except (AttributeError, TypeError):
+        pass
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with inputs, shifted so that position t holds the target of the logits at t."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -107,7 +150,7 @@ def field(container: Any, name: str) -> Any:
     return getattr(container, name, None)
 
 
-def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_terms(outputs: Any, batch: Any, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = field(outputs, "logits")
     labels = field(outputs, "expanded_labels")
     if labels is None:
@@ -123,11 +166,15 @@ def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.flatten(0, 1)
     else:  # sparse-text-logits: one row of logits per listed position of the expanded sequence
         targets = targets[positions]
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _audio_terms(
+    outputs: Any, batch: Any, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     logits = field(outputs, "audio_logits")
     labels = field(batch, "label_audio_ids")
     if labels is None or labels.numel() == 0:  # no audio-out token in the batch
@@ -146,7 +193,8 @@ def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, 
         )
     targets = next_token_targets(labels).t()  # (tokens, codebooks)
     losses = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none",
+        label_smoothing=label_smoothing,
     ).view_as(targets)
     supervised = targets != IGNORE_INDEX
     per_codebook = losses.sum(0) / supervised.sum(0)  # NaN where a codebook has no supervised token

@@ -129,12 +129,12 @@ def test_a_dataclass_batch_and_a_dict_batch_give_the_same_loss(real):
     )
 
 
-def test_the_trainer_hook_returns_the_same_loss(tmp_path):
+def test_the_trainer_gets_the_same_loss_from_the_model(tmp_path):
     samples = varied_samples()
     inputs = tiny.DictCollator(tiny.collator())(samples)
     model = tiny.model()
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
-    with higgs_patch.applied("trainer-compute-loss"):
+    with higgs_patch.applied():
         loss, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True)
     assert_matches_reference(higgs_patch.higgs_audio_loss(outputs, inputs), reference_loss(outputs, inputs))
     torch.testing.assert_close(loss, reference_loss(outputs, inputs)["loss"])
