@@ -58,7 +58,7 @@ _records: dict[str, _Record] = {}
 _slots: dict[str, Slot] = {}
 _waiting: dict[str, list[str]] = {}  # module name -> ids of the pending patches that wait for it
 _declarations: dict[str, Declaration] | None = None
-_bypasses_told: set[tuple[str, int]] = set()  # (target path, id of what replaced our proxy)
+_bypasses_told: set[tuple[str, str, int]] = set()  # (patch id, target path, id of what replaced our proxy)
 
 
 def known() -> dict[str, Declaration]:
@@ -246,8 +246,8 @@ def _bypass(patch_id: str, record: _Record) -> str:
             "calls reach this patch only if the replacement calls the function it replaced, with the same "
             "arguments. Remove the replacement (or revert before making it)"
         )
-        if (slot.path, id(replacement)) not in _bypasses_told:
-            _bypasses_told.add((slot.path, id(replacement)))
+        if (patch_id, slot.path, id(replacement)) not in _bypasses_told:
+            _bypasses_told.add((patch_id, slot.path, id(replacement)))
             log.warning("(patch-bypassed) patch %s: %s", patch_id, reason)
         return reason
     return ""
