@@ -47,11 +47,15 @@ class Slot:
         self.layers = self.layers[:position] + (layer,) + self.layers[position:]
 
     def remove(self, layer: Layer) -> bool:
-        """Drop one layer; return True once this slot is gone and the original is back in place."""
+        """Drop one layer; return True once this slot is gone (the original back, or a replacement left)."""
         self.layers = tuple(item for item in self.layers if item is not layer)
         self._orders.pop(id(layer), None)
         if self.layers or self.installed is None:
             return False
+        if self.replacement() is not None:
+            log.warning("%s was replaced after higgs_patch; leaving the replacement in place", self.path)
+            self.installed = None  # our proxy is out of use: a later apply starts afresh
+            return True
         if self._current() is not self.installed:
             log.warning(
                 "%s was wrapped by someone else after higgs_patch; leaving their wrapper in place "

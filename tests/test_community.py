@@ -206,14 +206,21 @@ def test_a_forward_replaced_after_apply_is_reported_once_and_still_trains_if_it_
     assert len(warnings) == 2 and all("maps_labels.<locals>.wrapped_forward" in w for w in warnings)
 
 
-def test_a_forward_replaced_after_apply_that_strips_the_labels_is_reported_and_fails_clearly(
+def test_a_forward_replaced_after_apply_that_strips_the_labels_is_reported_and_loses_the_text_loss(
     tmp_path, restore_forward, patch_log
 ):
+    """What the bypass warning is for: the replacement drops label_ids, so text is no longer supervised."""
     with higgs_patch.applied():
         HiggsAudioModel.forward = strips_labels(HiggsAudioModel.forward)
-        with pytest.raises(ValueError, match="did not return a loss"):
-            train(tmp_path, tiny.model(), steps=1)
+        trainer = Trainer(
+            model=tiny.model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                       remove_unused_columns=False, max_steps=1, logging_steps=1),
+            train_dataset=tiny.samples(2), data_collator=tiny.DictCollator(tiny.collator()),
+        )
+        trainer.train()
         assert states()["model-loss"] == "bypassed"
+    logged = next(e for e in trainer.state.log_history if "loss" in e)
+    assert "audio_loss" in logged and "text_loss" not in logged
     assert any("(patch-bypassed)" in r.getMessage() and "patched_forward_method" in r.getMessage()
                for r in patch_log.records if r.levelno == logging.WARNING)
 
@@ -225,3 +232,15 @@ def test_unpatched_the_label_stripping_replacement_leaves_logits_and_labels_misa
     outputs = model(**batch)
     assert outputs.expanded_labels is None
     assert outputs.logits.shape[1] > batch["label_ids"].shape[1]
+
+
+def test_doctor_in_that_process_shows_the_bypass(restore_forward):
+    from higgs_patch import doctor
+
+    with higgs_patch.applied():
+        HiggsAudioModel.forward = maps_labels(HiggsAudioModel.forward)
+        report = doctor.run()
+    by_id = {p.declaration.id: p for p in report.patches}
+    check = next(c for c in by_id["model-loss"].checks if c.name == "this process")
+    assert check.level == doctor.WARN and check.detail.startswith("bypassed (") and "wrapped_forward" in check.detail
+    assert not report.ok(strict=True)

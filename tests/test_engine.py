@@ -101,7 +101,7 @@ def test_apply_twice_installs_one_layer():
     higgs_patch.apply()
     wrapper = Model.__dict__["forward"]
     assert wrapper.__wrapped__ is ORIGINALS[FORWARD]
-    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[FORWARD].layers) == 2  # forward-kwargs-filter and model-loss
     assert len(engine._slots[CALL].layers) == 2  # two different patches on the collator's __call__
 
 
@@ -123,7 +123,7 @@ def test_eight_threads_applying_at_once_install_one_layer():
         thread.join()
     assert errors == []
     assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
-    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[FORWARD].layers) == 2  # forward-kwargs-filter and model-loss
     assert len(engine._slots[CALL].layers) == 2
 
 
