@@ -97,17 +97,16 @@ def _plan(collator: Any, sample: Any, position: int, policy: str) -> _Plan | Non
             f"sample {position} of the batch is a {type(sample).__name__}, not a ChatMLDatasetSample: "
             "collate the samples your dataset returns"
         )
-    _check_starts(sample, position)
+    n_segments = len(_segment_starts(sample, position))
     n_in, n_out = _count_tokens(sample.input_ids, collator.audio_in_token_id, collator.audio_out_token_id)
-    n_segments = len(sample.audio_ids_start)
+    if n_in + n_out == n_segments or (n_in + n_out < n_segments and policy != "strict"):
+        return None  # extra segments stay unread, as upstream leaves them
     where = f"sample {position} of the batch has {n_in} audio-in and {n_out} audio-out tokens but {n_segments} audio segment(s)"
-    if n_in + n_out < n_segments and policy == "strict":
+    if n_in + n_out < n_segments:
         raise AudioIndexError(
             f"{where} (audio_index_policy='strict'): upstream would leave the extra segments unread. "
             "Give the sample one segment per audio token, in token order, or apply with audio_index_policy='clamp'"
         )
-    if n_in + n_out <= n_segments:
-        return None
     if n_segments == 0:
         raise AudioIndexError(f"{where}: there is no audio to read for its audio tokens; give it its audio codes")
     if policy == "strict":
@@ -127,20 +126,31 @@ def _plan(collator: Any, sample: Any, position: int, policy: str) -> _Plan | Non
     return _Plan(route, n_in + n_out - n_segments, leaks)
 
 
-def _check_starts(sample: Any, position: int) -> None:
-    """Segment starts must ascend within their concatenation; upstream reads anything else as empty segments."""
-    fields = [("audio_ids_start", sample.audio_ids_start, sample.audio_ids_concat.shape[-1])]
-    if len(sample.audio_waveforms_start):
-        fields.append(("audio_waveforms_start", sample.audio_waveforms_start, sample.audio_waveforms_concat.shape[-1]))
-    for name, starts, total in fields:
-        values = torch.as_tensor(starts).tolist()
-        if all(0 <= a <= b <= total for a, b in zip(values, values[1:] + [total])):
-            continue
-        raise AudioIndexError(
-            f"sample {position} of the batch has {name} {values}, not in ascending order within [0, {total}]: "
-            f"segment k must start where segment k - 1 ends; build {name} as the cumulative sum of the segment "
-            "lengths, starting at 0, in the order the audio tokens appear"
-        )
+def _segment_starts(sample: Any, position: int) -> list[int]:
+    """The sample's segment starts, refused unless they ascend within their concatenation (waveforms too).
+
+    Upstream reads starts out of order as empty or overlapping segments, without a word.
+    """
+    starts = _as_list(sample.audio_ids_start)
+    _check_ascending(starts, sample.audio_ids_concat.shape[-1], "audio_ids_start", position)
+    wave_starts = _as_list(sample.audio_waveforms_start)
+    if wave_starts:
+        _check_ascending(wave_starts, sample.audio_waveforms_concat.shape[-1], "audio_waveforms_start", position)
+    return starts
+
+
+def _as_list(values: Any) -> list[int]:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def _check_ascending(starts: list[int], total: int, name: str, position: int) -> None:
+    if not starts or (starts == sorted(starts) and starts[0] >= 0 and starts[-1] <= total):
+        return
+    raise AudioIndexError(
+        f"sample {position} of the batch has {name} {starts}, not in ascending order within [0, {total}]: "
+        f"segment k must start where segment k - 1 ends; build {name} as the cumulative sum of the segment "
+        "lengths, starting at 0, in the order the audio tokens appear"
+    )
 
 
 def _target_in_its_prompt(collator: Any, sample: Any, route: torch.Tensor) -> bool:
