@@ -91,7 +91,7 @@ class _Plan:
 
 
 def _plan(collator: Any, sample: Any, position: int, policy: str) -> _Plan | None:
-    """None when every audio token has its own segment; raises what the policy refuses."""
+    """None when the sample goes to upstream as it is; raises what the policy refuses."""
     if not (hasattr(sample, "input_ids") and hasattr(sample, "audio_ids_start")):
         raise InputError(
             f"sample {position} of the batch is a {type(sample).__name__}, not a ChatMLDatasetSample: "
