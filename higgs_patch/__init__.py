@@ -14,7 +14,7 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .engine import PatchStatus, apply, revert, status
-from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, PatchError
+from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, InputError, PatchError
 
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
@@ -39,6 +39,7 @@ __all__ = [
     "DeclarationError",
     "HiggsAudioLoss",
     "IncompatibleUpstreamError",
+    "InputError",
     "PatchError",
     "PatchStatus",
     "apply",

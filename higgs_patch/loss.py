@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 log = logging.getLogger("higgs_patch")
 
 IGNORE_INDEX = -100
@@ -86,6 +88,7 @@ def higgs_audio_loss(
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    _check_inputs(outputs, batch)
     key = (text_loss_weight, audio_loss_weight, label_smoothing)
     result = _remembered(outputs, batch, key)
     if result is None:
@@ -148,6 +151,54 @@ def field(container: Any, name: str) -> Any:
     if isinstance(container, Mapping):
         return container.get(name)
     return getattr(container, name, None)
+
+
+def _check_inputs(outputs: Any, batch: Any) -> None:
+    """Refuse, saying what to pass instead, what the loss would otherwise misread or score only in part."""
+    if not isinstance(batch, Mapping) and not (dataclasses.is_dataclass(batch) and not isinstance(batch, type)):
+        raise InputError(
+            f"the batch is a {type(batch).__name__}: higgs_audio_loss reads label_ids and label_audio_ids by name, "
+            "so it needs a mapping or upstream's HiggsAudioBatchInput (a tuple would lose the audio labels). "
+            "Pass the collator's output, or a dict of its fields"
+        )
+    if isinstance(outputs, (tuple, list)):
+        raise InputError(
+            f"the model output is a {type(outputs).__name__}, which has no field names to find logits, "
+            "expanded_labels and audio_logits by: the model was called with return_dict=False (or its config "
+            "has use_return_dict=False). Call it with return_dict=True and pass its output as it is"
+        )
+    if field(outputs, "logits") is None:
+        raise InputError(
+            "the model output has no logits: pass HiggsAudioModel's output as it is, or a mapping with its "
+            "logits, expanded_labels and audio_logits"
+        )
+    _check_text_shapes(field(outputs, "logits"), field(outputs, "expanded_labels"), field(outputs, "text_logit_positions"))
+
+
+def _check_text_shapes(logits: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+    if labels is None:
+        return
+    shapes = f"logits {tuple(logits.shape)} and expanded_labels {tuple(labels.shape)}"
+    if positions is not None:
+        if logits.dim() != 2 or logits.shape[0] != positions.numel():
+            raise InputError(
+                f"{shapes} with text_logit_positions {tuple(positions.shape)} do not line up: compact logits "
+                "(sparse-text-logits) have one row per listed position. Pass the logits and text_logit_positions "
+                "of the same output, as the model returned them"
+            )
+    elif logits.dim() == 2:
+        raise InputError(
+            f"{shapes} do not line up: these logits have one row per position, as sparse-text-logits makes "
+            "them, but the output has no text_logit_positions to place them. Pass the model's output as it "
+            "is, or keep its text_logit_positions with the logits"
+        )
+    elif logits.shape[:2] != labels.shape:
+        raise InputError(
+            f"{shapes} do not line up: the loss needs logits (batch, length, vocab) over the expanded sequence "
+            "and expanded_labels (batch, length) from the same forward call. Pass the model's logits as they "
+            "are: the loss shifts the labels itself, so logits shifted or sliced (logits[:, :-1]) do not "
+            "match, nor do labels from another call or batch"
+        )
 
 
 def _text_terms(outputs: Any, batch: Any, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -252,3 +252,50 @@ def test_a_batch_without_audio_out_tokens_has_no_audio_component():
     result = higgs_patch.higgs_audio_loss(tiny.model()(**batch), batch)
     assert result.audio is None and result.text is not None
     torch.testing.assert_close(result.loss.detach(), result.text)
+
+
+# --- what the loss is handed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [tuple, list])
+def test_a_tuple_or_list_batch_is_refused_not_scored_without_its_audio(real, shape):
+    batch, outputs = real
+    with pytest.raises(higgs_patch.InputError, match=f"batch .*{shape.__name__}.*mapping.*HiggsAudioBatchInput"):
+        higgs_patch.higgs_audio_loss(outputs, shape(batch.values()))
+
+
+def test_tuple_outputs_are_refused_saying_to_return_a_dict_not_that_label_ids_are_missing(real):
+    batch, _ = real
+    with torch.no_grad():
+        outputs = tiny.model().eval()(**batch, return_dict=False)
+    assert isinstance(outputs, tuple)
+    with pytest.raises(higgs_patch.InputError, match="tuple.*return_dict=True") as caught:
+        higgs_patch.higgs_audio_loss(outputs, batch)
+    assert "label_ids" not in str(caught.value)
+
+
+def test_outputs_without_logits_are_refused_naming_the_field(real):
+    batch, outputs = real
+    with pytest.raises(higgs_patch.InputError, match="no logits"):
+        higgs_patch.higgs_audio_loss({"expanded_labels": outputs.expanded_labels}, batch)
+
+
+def compact(outputs) -> torch.Tensor:
+    """The positions sparse-text-logits keeps: those whose next token is a supervised text label."""
+    return (next_labels(outputs["expanded_labels"]).flatten() != IGNORE).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("change, cause", [
+    (lambda o: {**o, "logits": o["logits"][:, :-1]}, "shifted or sliced"),  # the habit of shifting the logits
+    (lambda o: {**o, "expanded_labels": o["expanded_labels"][:1]}, "same forward call"),
+    (lambda o: {**o, "logits": o["logits"].flatten(0, 1)[compact(o)]}, "text_logit_positions"),
+    (lambda o: {**o, "logits": o["logits"].flatten(0, 1)[compact(o)], "text_logit_positions": compact(o)[:-1]},
+     "one row per listed position"),
+], ids=["logits-shifted", "labels-of-another-batch", "compact-logits-without-positions", "compact-logits-miscounted"])
+def test_logits_and_expanded_labels_that_do_not_line_up_are_refused_naming_both_shapes(real, change, cause):
+    batch, outputs = real
+    changed = change(dict(outputs))
+    logits, labels = changed["logits"], changed["expanded_labels"]
+    with pytest.raises(higgs_patch.InputError, match=cause) as caught:
+        higgs_patch.higgs_audio_loss(changed, batch)
+    assert str(tuple(logits.shape)) in str(caught.value) and str(tuple(labels.shape)) in str(caught.value)
