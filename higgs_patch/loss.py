@@ -240,7 +240,9 @@ def _audio_terms(
     if labels.shape != (logits.shape[1], logits.shape[0]):
         raise ValueError(
             f"label_audio_ids has shape {tuple(labels.shape)} but audio_logits {tuple(logits.shape)} needs "
-            f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}"
+            f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}: pass the batch "
+            "the model was called with (its audio_out_ids make the audio logits), with label_audio_ids as the "
+            "collator made them, codebooks first"
         )
     targets = next_token_targets(labels).t()  # (tokens, codebooks)
     losses = F.cross_entropy(
