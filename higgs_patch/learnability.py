@@ -250,9 +250,12 @@ def train(loss_name: str, data: list[Example], max_steps: int = MAX_STEPS) -> Ou
     """Train a fresh tiny model under the default patches until the loss plateaus; measure it.
 
     ``PATCHED``: the stock ``Trainer``, the loss as the patches deliver it. ``UNSHIFTED``: the same with
-    :class:`UnshiftedSeedTrainer`. Generation runs after the patches are reverted: upstream as installed.
+    :class:`UnshiftedSeedTrainer`. Generation runs after this call has reverted what it applied.
     """
-    trainer_class = {PATCHED: transformers.Trainer, UNSHIFTED: UnshiftedSeedTrainer}[loss_name]
+    trainers = {PATCHED: transformers.Trainer, UNSHIFTED: UnshiftedSeedTrainer}
+    if loss_name not in trainers:
+        raise ValueError(f"loss_name {loss_name!r} is not one of {sorted(trainers)}")
+    trainer_class = trainers[loss_name]
     plateau = StopAtPlateau()
     with higgs_patch.applied(), tempfile.TemporaryDirectory(prefix="higgs-patch-learnability-") as output_dir:
         arguments = transformers.TrainingArguments(
