@@ -14,7 +14,7 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .engine import PatchStatus, apply, revert, status
-from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, PatchError
+from .errors import AudioIndexError, DataError, DeclarationError, IncompatibleUpstreamError, OptionError, PatchError
 
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
@@ -36,9 +36,11 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 __all__ = [
     "AudioIndexCounts",
     "AudioIndexError",
+    "DataError",
     "DeclarationError",
     "HiggsAudioLoss",
     "IncompatibleUpstreamError",
+    "OptionError",
     "PatchError",
     "PatchStatus",
     "apply",
