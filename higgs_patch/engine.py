@@ -183,7 +183,9 @@ def _imported(name: str) -> ModuleType | None:
             continue  # it appeared while we registered: someone is importing it
         if _complete(name, module):
             return module
-        importlib.import_module(name)  # returns once the thread importing it is done
+        # Blocks until the thread importing it is done (were that import to fail, this one would try
+        # again, as any importer waiting for it would); in this thread it returns the half module.
+        importlib.import_module(name)
         if not _complete(name, sys.modules.get(name)):
             raise PatchError(
                 f"{name} is being imported by this very thread (apply() was called from inside that import); "
@@ -407,8 +409,11 @@ def _forget_reloaded() -> bool:
 
 
 def _publish() -> None:
-    """Tell child processes what this one has applied (see startup.py); nothing left, nothing told."""
-    active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending")}
+    """Tell child processes what this one has applied (see startup.py); nothing left, nothing told.
+
+    A patch refused at an import is still told: its children refuse that code too, until revert().
+    """
+    active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending") or r.blocking}
     if active:
         force = any(_records[pid].force for pid in active)
         os.environ[environment.ACTIVATE] = startup.encode(active, force)

@@ -148,11 +148,36 @@ def test_apply_while_another_thread_is_halfway_through_the_import_is_no_refusal(
         """
     )
     assert data["hung"] == []
+    assert data["halfway"], "the race was not exercised: apply() did not see the module half-imported"
     assert data["errors"] == [], "the loader thread's import failed"
     assert data["outcome"] == "applied"
     assert data["states"]["sparse-text-logits"] == "applied"
     assert data["states"]["forward-kwargs-filter"] == "applied"
     assert data["forward"] == "FunctionWrapper"
+
+
+def test_apply_from_inside_the_import_of_its_own_target_in_the_same_thread_says_so():
+    """A user's post-import hook on audio_head runs while modeling_higgs_audio is half-imported in this thread."""
+    data = run_scenario(
+        f"""
+        import wrapt
+        outcome = []
+
+        def on_audio_head(module):
+            try:
+                higgs_patch.apply("sparse-text-logits")
+                outcome.append("returned")
+            except higgs_patch.PatchError as exc:
+                outcome.append(str(exc))
+
+        wrapt.register_post_import_hook(on_audio_head, "boson_multimodal.model.higgs_audio.audio_head")
+        import {MODELING}
+        finish(outcome=outcome, state={{s.id: s.state for s in higgs_patch.status()}}["sparse-text-logits"])
+        """
+    )
+    assert len(data["outcome"]) == 1
+    assert f"{MODELING} is being imported by this very thread" in data["outcome"][0]
+    assert data["state"] == "not-applied"
 
 
 # --- patches waiting for an import (issue 12 item 5) -----------------------------------------------------
@@ -208,10 +233,12 @@ def test_code_that_changed_between_apply_and_import_is_refused_in_every_import_u
             except higgs_patch.IncompatibleUpstreamError as exc:
                 outcomes.append(str(exc))
         states = {{s.id: s.state for s in higgs_patch.status()}}
+        told = sorted(json.loads(os.environ["HIGGS_PATCH_ACTIVATE"])["patches"])
         higgs_patch.revert("collator-audio-index")
+        told_after = sorted(json.loads(os.environ["HIGGS_PATCH_ACTIVATE"])["patches"])
         import {COLLATOR} as c
         after = type(vars(c.HiggsAudioSampleCollator)["__call__"]).__name__
-        finish(outcomes=outcomes, states=states, after=after, file=c.__file__)
+        finish(outcomes=outcomes, states=states, after=after, file=c.__file__, told=told, told_after=told_after)
         """
     )
     first, second = data["outcomes"]
@@ -219,6 +246,8 @@ def test_code_that_changed_between_apply_and_import_is_refused_in_every_import_u
     assert second == first  # a second import does not run the unpatched collator silently
     assert data["states"]["collator-audio-index"] == "incompatible"
     assert data["states"]["trainer-compute-loss"] == "pending"  # the rest of that call still waits, untouched
+    assert data["told"] == ["collator-audio-index", "trainer-compute-loss"]  # children refuse that code too
+    assert data["told_after"] == ["trainer-compute-loss"]
     assert data["after"] == "function"  # reverted on purpose: the import goes through, unpatched
     assert data["file"].startswith(str(edited_upstream))
 
