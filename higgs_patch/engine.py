@@ -55,7 +55,7 @@ class _Record:
     reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
-    warnings: list[str] = field(default_factory=list)  # from the stack check, logged at install
+    warnings: list[str] = field(default_factory=list)  # what a forced pass of the gate said, logged once
     missing: set[str] = field(default_factory=set)  # modules a pending patch still waits for
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
     refusal: PatchError | None = None  # raised again in every import of ``blocking`` until revert()
@@ -248,16 +248,16 @@ def _request(declaration: Declaration, options: dict[str, Any], force: bool, mod
     _unblock(declaration.id, record)
     own = {name: modules[name] for name in declaration.modules}
     try:
-        stack_warnings = gate.require_stack(declaration, force)
-        code_warnings = gate.require_known_code(declaration, force, own)
+        warnings = gate.require_stack(declaration, force) + gate.require_known_code(declaration, force, own)
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
-    record.options, record.force, record.warnings = options, force, stack_warnings
+    record.options, record.force, record.warnings = options, force, []
     record.missing = {name for name, module in own.items() if module is None}
     if not record.missing:
-        _install(declaration, record, own, stack_warnings + code_warnings)
+        _install(declaration, record, own, warnings)
         return True
+    _warn(record, warnings)  # forced now, whether or not the import ever comes
     missing = sorted(record.missing)
     record.state, record.reason = "pending", f"waiting for {', '.join(missing)} to be imported"
     for name in missing:
@@ -312,8 +312,7 @@ def _arrived(patch_id: str, name: str, module: ModuleType) -> PatchError | None:
         return None
     modules = {m: module if m == name else sys.modules.get(m) for m in declaration.modules}
     try:
-        warnings = gate.require_known_code(declaration, record.force, modules)
-        _install(declaration, record, modules, record.warnings + warnings)
+        _install(declaration, record, modules, gate.require_known_code(declaration, record.force, modules))
         return None
     except PatchError as exc:
         failure = exc
@@ -332,8 +331,7 @@ def _arrived(patch_id: str, name: str, module: ModuleType) -> PatchError | None:
 
 def _install(declaration: Declaration, record: _Record, modules: Mapping[str, ModuleType | None],
              warnings: list[str]) -> None:
-    for message in warnings:
-        log.warning("%s", message)
+    _warn(record, warnings)
     try:
         for target in declaration.targets:
             slot = _slots.get(target.path) or Slot(target.path, modules[target.module], target.qualname, target.names)
@@ -346,8 +344,15 @@ def _install(declaration: Declaration, record: _Record, modules: Mapping[str, Mo
         record.state, record.reason = "not-applied", "failed while installing"
         raise
     record.state = "applied"
-    record.reason = "forced over unrecognised upstream" if warnings else ""
+    record.reason = "forced over unrecognised upstream" if record.warnings else ""
     log.info("patch %s %s applied to %s", declaration.id, declaration.version, ", ".join(t.path for t in declaration.targets))
+
+
+def _warn(record: _Record, warnings: list[str]) -> None:
+    for message in warnings:
+        if message not in record.warnings:
+            record.warnings.append(message)
+            log.warning("%s", message)
 
 
 def _refuse(declaration: Declaration, record: _Record, exc: Exception) -> None:

@@ -220,6 +220,29 @@ def test_apply_before_the_import_decides_then_an_edited_upstream_is_refused_by_a
     assert data["published"] is None  # nothing reaches the children either
 
 
+def test_forcing_an_edited_upstream_before_the_import_warns_at_apply_once(edited_upstream):
+    data = run_scenario(
+        f"""
+        import logging
+        seen = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())
+        logging.getLogger("higgs_patch").addHandler(handler)
+        higgs_patch.apply("collator-audio-index", force=True)
+        at_apply = [m for m in seen if "forced" in m]
+        import {COLLATOR} as c
+        finish(at_apply=at_apply, total=[m for m in seen if "forced" in m],
+               state={{s.id: [s.state, s.reason] for s in higgs_patch.status()}}["collator-audio-index"],
+               call=type(vars(c.HiggsAudioSampleCollator)["__call__"]).__name__)
+        """,
+        pythonpath=str(edited_upstream),
+    )
+    assert len(data["at_apply"]) == 1 and "collator-audio-index" in data["at_apply"][0]
+    assert data["total"] == data["at_apply"]  # the import checks again and finds what apply() forced
+    assert data["state"] == ["applied", "forced over unrecognised upstream"]
+    assert data["call"] == "FunctionWrapper"
+
+
 def test_code_that_changed_between_apply_and_import_is_refused_in_every_import_until_reverted(edited_upstream):
     data = run_scenario(
         f"""
