@@ -93,6 +93,12 @@ def test_the_reference_declaration_is_valid():
     assert str(declaration.requires["boson-multimodal"]) == ">=0.1.0"
 
 
+TARGETS = """[[targets]]
+path = "boson_multimodal.model.higgs_audio.modeling_higgs_audio:HiggsAudioModel.forward"
+wrapper = "higgs_patch.fixes.forward_kwargs_filter:filter_kwargs"
+"""
+
+
 @pytest.mark.parametrize(
     "old,new,expected",
     [
@@ -112,8 +118,11 @@ def test_the_reference_declaration_is_valid():
         ('boson-multimodal = ">=0.1.0"', 'boson-multimodal = "newest"', r"requires.boson-multimodal 'newest' is not a PEP 440"),
         ('id = "x"', 'id = "X Y"', "field 'id' 'X Y' must be lower-case"),
         ('summary = "s"', "summary = [1]", "field 'summary' must be a string, not the array"),
-        ("[[targets]]\npath", 'targets = "none"\n[[nothing]]\npath', "field 'targets' must be an array"),
+        (TARGETS, 'targets = "none"', "field 'targets' must be an array"),
         ('id = "x"', "", "missing required field.*'id'"),
+        (TARGETS, 'targets = ["a"]', r"targets\[0\] must be a table, not the string 'a'"),
+        ('wrapper = "higgs_patch.fixes.forward_kwargs_filter:filter_kwargs"',
+         'wrapper = "higgs_patch.fixes.forward_kwargs_filter:filter_kwargs"\nnames = "full"', r"targets\[0\]: field 'names' must be an array"),
         ('version = "1.0.0"', 'version = "one"', "is not a PEP 440 version"),
     ],
 )
@@ -121,6 +130,19 @@ def test_a_malformed_declaration_is_an_error_naming_the_file_and_the_field(old, 
     assert old in GOOD
     with pytest.raises(DeclarationError, match=expected) as caught:
         declarations.load(GOOD.replace(old, new, 1), "patches/x.toml")
+    assert str(caught.value).startswith("patches/x.toml")
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [('requires = ">=0.1.0"', "field 'requires' must be a table, not the string '>=0.1.0'"),
+     ("options = 3", "field 'options' must be a table, not the value 3"),
+     ('options = { level = "low" }', r"options.level must be a table such as \[options.level\]")],
+)
+def test_a_field_that_must_be_a_table_and_is_not_is_an_error_naming_it(line, expected):
+    text = GOOD[: GOOD.index("[[targets]]")] + line + "\n" + TARGETS
+    with pytest.raises(DeclarationError, match=expected) as caught:
+        declarations.load(text, "patches/x.toml")
     assert str(caught.value).startswith("patches/x.toml")
 
 
