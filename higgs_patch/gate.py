@@ -102,14 +102,18 @@ def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | Non
     """Fingerprint every target of the declaration that compat/ says must match.
 
     ``modules``: the target modules, each fully imported or None (not imported: read from its source
-    file without importing it); without it every target module is imported.
+    file without importing it, and left to the import when it cannot be found that way); without it
+    every target module is imported.
     """
     knowledge = upstream.knowledge()
     checks = []
     for target in declaration.targets:
         if knowledge.must_match(target.path):
             if modules is not None and modules.get(target.module) is None:
-                path, qualname = static_definition(target)
+                try:
+                    path, qualname = static_definition(target)
+                except (FileNotFoundError, LookupError):
+                    continue  # not found without importing it (a path added later, a dynamic definition): the import decides
             else:
                 path, qualname = definition(target, modules[target.module] if modules is not None else None)
             found = fingerprint.of_file(path, qualname)

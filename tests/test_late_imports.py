@@ -243,6 +243,28 @@ def test_forcing_an_edited_upstream_before_the_import_warns_at_apply_once(edited
     assert data["call"] == "FunctionWrapper"
 
 
+def test_a_target_whose_source_cannot_be_found_before_the_import_is_decided_at_the_import():
+    """At interpreter start a later .pth may still have to add the upstream's path: not found is no refusal."""
+    data = run_scenario(
+        f"""
+        from higgs_patch import fingerprint
+        real = fingerprint.source_file
+
+        def not_on_the_path_yet(module):
+            if isinstance(module, str):
+                raise FileNotFoundError(f"no source file for module {{module!r}}")
+            return real(module)
+
+        fingerprint.source_file = not_on_the_path_yet
+        higgs_patch.apply("collator-audio-index")
+        before = {{s.id: s.state for s in higgs_patch.status()}}["collator-audio-index"]
+        import {COLLATOR}
+        finish(before=before, after={{s.id: s.state for s in higgs_patch.status()}}["collator-audio-index"])
+        """
+    )
+    assert data == {"before": "pending", "after": "applied"}
+
+
 def test_code_that_changed_between_apply_and_import_is_refused_in_every_import_until_reverted(edited_upstream):
     data = run_scenario(
         f"""
