@@ -14,7 +14,15 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .engine import PatchStatus, apply, revert, status
-from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, InputError, PatchError
+from .errors import (
+    AudioIndexError,
+    DataError,
+    DeclarationError,
+    IncompatibleUpstreamError,
+    InputError,
+    OptionError,
+    PatchError,
+)
 
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
@@ -36,10 +44,12 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 __all__ = [
     "AudioIndexCounts",
     "AudioIndexError",
+    "DataError",
     "DeclarationError",
     "HiggsAudioLoss",
     "IncompatibleUpstreamError",
     "InputError",
+    "OptionError",
     "PatchError",
     "PatchStatus",
     "apply",

@@ -7,7 +7,9 @@ plus a module under ``higgs_patch``.
 
 from __future__ import annotations
 
-import sys
+import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
@@ -15,12 +17,8 @@ from typing import Any, Mapping
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .errors import DeclarationError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
+from . import schema
+from .errors import DeclarationError, OptionError
 
 #: Implementations must live in this package: a declaration can never make us import foreign code.
 IMPLEMENTATION_PACKAGE = "higgs_patch"
@@ -49,6 +47,65 @@ class Target:
         return self.path.partition(":")[2]
 
 
+#: The value types an option may declare, by the name a declaration uses.
+OPTION_TYPES: dict[str, type | tuple[type, ...]] = {"string": str, "boolean": bool, "integer": int, "number": (int, float)}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a patch, with what it allows; apply() checks every value against it."""
+
+    name: str
+    default: Any
+    type: str
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    allow_false: bool = False  # ``false`` switches the option off, whatever its type
+    description: str = ""
+
+    def allowed(self) -> str:
+        if self.choices:
+            text = "one of " + ", ".join(repr(choice) for choice in self.choices)
+        else:
+            text = {"string": "a string", "boolean": "true or false", "integer": "an integer",
+                    "number": "a finite number"}[self.type]
+            bounds = [f">= {self.minimum:g}" if self.minimum is not None else "",
+                      f"<= {self.maximum:g}" if self.maximum is not None else ""]
+            text = " ".join([text, " and ".join(b for b in bounds if b)]).strip()
+        return text + (", or false (off)" if self.allow_false else "")
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed, or None when it is."""
+        if value is False and self.allow_false:
+            return None
+        if isinstance(value, bool) != (self.type == "boolean") or not isinstance(value, OPTION_TYPES[self.type]):
+            return f"{type(value).__name__} {value!r} is not {self.allowed()}"
+        if self.choices and value not in self.choices:
+            return f"{value!r} is not {self.allowed()}{_hint(value, self.choices)}"
+        if self.type == "number" and not math.isfinite(value):
+            return f"{value!r} is not {self.allowed()}"
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
+            return f"{value!r} is out of range: expected {self.allowed()}"
+        return None
+
+    def check(self, value: Any, patch_id: str) -> Any:
+        problem = self.problem(value)
+        if problem:
+            raise OptionError(f"option {self.name} of patch {patch_id!r}: {problem}")
+        return value
+
+
+def _hint(value: Any, choices: tuple[Any, ...]) -> str:
+    if not isinstance(value, str):
+        return ""
+    same = [c for c in choices if isinstance(c, str) and c.lower() == value.lower()]
+    if same:
+        return f" (choices are case-sensitive: did you mean {same[0]!r}?)"
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 @dataclass(frozen=True)
 class Declaration:
     id: str
@@ -57,13 +114,28 @@ class Declaration:
     symptom: str
     default: bool
     targets: tuple[Target, ...]
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Option] = field(default_factory=dict)
     requires: Mapping[str, SpecifierSet] = field(default_factory=dict)
+    source: str = field(default="<declaration>", compare=False)
 
     @property
     def modules(self) -> tuple[str, ...]:
         """The modules the targets live in; the patch is pending until all of them are imported."""
         return tuple(dict.fromkeys(target.module for target in self.targets))
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {name: option.default for name, option in self.options.items()}
+
+
+FIELDS = {"id": str, "version": str, "summary": str, "symptom": str, "default": bool, "targets": list,
+          "options": dict, "requires": dict}
+TARGET_FIELDS = {"path": str, "wrapper": str, "names": list, "order": int}
+OPTION_FIELDS = {"default": (str, bool, int, float), "type": str, "choices": list, "minimum": (int, float),
+                 "maximum": (int, float), "allow_false": bool, "description": str}
+#: Where a top-level field belongs, for the message when TOML put it inside a table.
+TOP_LEVEL = {name: "at the top level of the file, before the first [table] header" for name in FIELDS}
+ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 def parse(data: Mapping[str, Any], source: str = "<declaration>") -> Declaration:
@@ -72,39 +144,45 @@ def parse(data: Mapping[str, Any], source: str = "<declaration>") -> Declaration
     def fail(message: str) -> DeclarationError:
         return DeclarationError(f"{source}: {message}")
 
-    for key in ("id", "version", "summary", "symptom", "targets"):
-        if key not in data:
-            raise fail(f"missing required field {key!r}")
+    schema.check_fields(data, source, FIELDS, required=("id", "version", "summary", "symptom", "targets"),
+                        error=DeclarationError)
+    if not ID.match(data["id"]):
+        raise fail(f"field 'id' {data['id']!r} must be lower-case words joined by '-'")
     try:
-        version = Version(str(data["version"]))
+        version = Version(data["version"])
     except InvalidVersion as exc:
-        raise fail(f"version {data['version']!r} is not a PEP 440 version") from exc
+        raise fail(f"field 'version' {data['version']!r} is not a PEP 440 version") from exc
 
-    targets = tuple(_parse_target(entry, fail) for entry in data["targets"])
+    targets = tuple(_parse_target(entry, f"{source}: targets[{i}]", fail) for i, entry in enumerate(data["targets"]))
     if not targets:
         raise fail("declares no targets")
 
     requires = {}
-    for distribution, spec in dict(data.get("requires", {})).items():
+    for distribution, spec in schema.check_mapping(data.get("requires", {}), f"{source}: requires", str,
+                                                   DeclarationError).items():
         try:
             requires[distribution] = SpecifierSet(spec)
         except InvalidSpecifier as exc:
-            raise fail(f"requirement {distribution} {spec!r} is not a PEP 440 specifier") from exc
+            raise fail(f"requires.{distribution} {spec!r} is not a PEP 440 specifier") from exc
 
     return Declaration(
-        id=str(data["id"]),
+        id=data["id"],
         version=version,
-        summary=str(data["summary"]),
-        symptom=str(data["symptom"]).strip(),
-        default=bool(data.get("default", True)),
+        summary=data["summary"],
+        symptom=data["symptom"].strip(),
+        default=data.get("default", True),
         targets=targets,
-        options=dict(data.get("options", {})),
+        options={name: _parse_option(name, table, f"{source}: options.{name}", fail)
+                 for name, table in data.get("options", {}).items()},
         requires=requires,
+        source=source,
     )
 
 
-def _parse_target(entry: Mapping[str, Any], fail) -> Target:
-    path, wrapper = entry.get("path", ""), entry.get("wrapper", "")
+def _parse_target(entry: Any, where: str, fail) -> Target:
+    schema.check_fields(entry, where, TARGET_FIELDS, required=("path", "wrapper"), elsewhere=TOP_LEVEL,
+                        error=DeclarationError)
+    path, wrapper = entry["path"], entry["wrapper"]
     if path.count(":") != 1 or not all(path.split(":")):
         raise fail(f"target {path!r} is not of the form 'module:Qualified.name'")
     module, _, name = wrapper.partition(":")
@@ -114,31 +192,67 @@ def _parse_target(entry: Mapping[str, Any], fail) -> Target:
             f"{IMPLEMENTATION_PACKAGE!r} package; implementations elsewhere are refused"
         )
     names = entry.get("names", [])
-    if not isinstance(names, list) or not all(isinstance(name, str) and name.isidentifier() for name in names):
+    if not all(isinstance(name, str) and name.isidentifier() for name in names):
         raise fail(f"names of target {path!r} must be a list of identifiers")
-    order = entry.get("order", 0)
-    if not isinstance(order, int) or isinstance(order, bool):
-        raise fail(f"order of target {path!r} must be an integer, got {order!r}")
-    return Target(path=path, wrapper=wrapper, names=tuple(names), order=order)
+    return Target(path=path, wrapper=wrapper, names=tuple(names), order=entry.get("order", 0))
+
+
+def _parse_option(name: str, table: Any, where: str, fail) -> Option:
+    if not isinstance(table, dict):
+        raise fail(
+            f"options.{name} must be a table such as [options.{name}] with default = ... and type = ... "
+            f"(or choices = [...]), not {schema.describe(table)}; see patches/README.md"
+        )
+    schema.check_fields(table, where, OPTION_FIELDS, required=("default",), elsewhere=TOP_LEVEL, error=DeclarationError)
+    if not name.isidentifier():
+        raise fail(f"option name {name!r} must be a Python identifier (it is a keyword of apply())")
+    choices = tuple(table.get("choices", ()))
+    kind = table.get("type") or (_kind_of(choices[0]) if choices else None)
+    if kind not in OPTION_TYPES:
+        raise fail(f"options.{name}: field 'type' must be one of {', '.join(map(repr, OPTION_TYPES))} "
+                   f"(or give choices), not {kind!r}")
+    for choice in choices:
+        if _kind_of(choice) != kind:
+            raise fail(f"options.{name}: choice {choice!r} is not of type {kind!r}")
+    if ("minimum" in table or "maximum" in table) and kind not in ("integer", "number"):
+        raise fail(f"options.{name}: minimum and maximum need type 'integer' or 'number'")
+    option = Option(name=name, default=table["default"], type=kind, choices=choices, minimum=table.get("minimum"),
+                    maximum=table.get("maximum"), allow_false=table.get("allow_false", False),
+                    description=table.get("description", ""))
+    problem = option.problem(option.default)
+    if problem:
+        raise fail(f"options.{name}: its default {problem}")
+    return option
+
+
+def _kind_of(value: Any) -> str:
+    return next((kind for kind, python in OPTION_TYPES.items()
+                 if isinstance(value, python) and isinstance(value, bool) == (kind == "boolean")), "unknown")
 
 
 def load(text: str, source: str = "<declaration>") -> Declaration:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DeclarationError(f"{source}: not valid TOML: {exc}") from exc
-    return parse(data, source)
+    return parse(schema.loads(text, source, DeclarationError), source)
 
 
-def load_all() -> dict[str, Declaration]:
-    """Every declaration shipped in ``patches/``, by id, in file-name order."""
+def load_all(folder: Any = None) -> dict[str, Declaration]:
+    """Every declaration in ``folder`` (those shipped in ``patches/``), by id, in file-name order; all
+    checked together, so that one bad file fails the load before anything is applied."""
     found: dict[str, Declaration] = {}
-    folder = resources.files("higgs_patch.patches")
+    owners: dict[str, Declaration] = {}
+    folder = folder if folder is not None else resources.files("higgs_patch.patches")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".toml"):
             continue
         declaration = load(entry.read_text(encoding="utf-8"), f"patches/{entry.name}")
         if declaration.id in found:
-            raise DeclarationError(f"patches/{entry.name}: id {declaration.id!r} is declared twice")
+            raise DeclarationError(f"patches/{entry.name}: id {declaration.id!r} is declared twice "
+                                   f"(also in {found[declaration.id].source})")
+        for name in declaration.options:
+            if name in owners:
+                raise DeclarationError(
+                    f"patches/{entry.name}: option {name!r} is also declared by {owners[name].source} "
+                    f"(patch {owners[name].id!r}); an option belongs to one patch"
+                )
+            owners[name] = declaration
         found[declaration.id] = declaration
     return found

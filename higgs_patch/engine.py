@@ -1,10 +1,17 @@
 """apply / revert / status: the lifecycle of declared patches, symmetric and idempotent.
 
-A patch whose modules are already imported is gated and installed at once; otherwise a wrapt
-post-import hook does it when the last of them is imported, and the patch is ``pending`` until then.
-There is one hook per module, which installs every patch waiting for it and only then raises what
-refused, so one refusal never strands another patch in ``pending``. wrapt cannot deregister hooks:
-a hook that fires after its patches were reverted finds nothing waiting and does nothing.
+Everything is decided when apply() is called: the options, the stack and the code of every target,
+whether its module is imported or not (one not yet imported is read from its source file, not
+imported). A call raises, leaving nothing of it applied or pending, or every patch it names is
+applied or pending. A pending patch is installed by a wrapt post-import hook when the last of its
+modules is imported. That hook checks the code really loaded once more: code other than what apply()
+checked is refused in that import and in every later import of the module until the patch is
+reverted, so no import runs the unpatched code silently. wrapt cannot deregister hooks: a hook that
+fires for a patch no longer wanted does nothing.
+
+Threads: the engine lock is never held while waiting for an import. A target module that another
+thread is still importing is waited for before the lock is taken, then decided; a post-import hook
+loads what it installs before it takes the lock. A module is never fingerprinted half-imported.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ from typing import Any, Literal, Mapping
 
 import wrapt
 
-from . import declarations, environment, gate, startup
+from . import declarations, environment, gate, startup, upstream
 from .declarations import Declaration
-from .errors import PatchError
+from .errors import IncompatibleUpstreamError, OptionError, PatchError
 from .slots import Layer, Slot
 
 log = logging.getLogger("higgs_patch")
@@ -48,52 +55,75 @@ class _Record:
     reason: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     force: bool = False
-    warnings: list[str] = field(default_factory=list)  # from the stack check, logged at install
+    warnings: list[str] = field(default_factory=list)  # what a forced pass of the gate said, logged once
     missing: set[str] = field(default_factory=set)  # modules a pending patch still waits for
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
+    refusal: PatchError | None = None  # raised again in every import of ``blocking`` until revert()
+    blocking: set[str] = field(default_factory=set)
 
 
-_lock = threading.RLock()
+_lock = threading.RLock()  # records, slots, waiting lists; never held while waiting for an import
 _records: dict[str, _Record] = {}
 _slots: dict[str, Slot] = {}
-_waiting: dict[str, list[str]] = {}  # module name -> ids of the pending patches that wait for it
+_waiting: dict[str, list[str]] = {}  # module name -> ids of the patches its import must install or refuse
 _declarations: dict[str, Declaration] | None = None
 _bypasses_told: set[tuple[str, str, int]] = set()  # (patch id, target path, id of what replaced our proxy)
+_load_lock = threading.Lock()
+_hook_lock = threading.Lock()
+_hooked: set[str] = set()  # modules whose post-import hook is registered and has not fired yet
+_executed: dict[str, ModuleType] = {}  # modules whose hook fired: executed, though importlib still marks them importing
+_local = threading.local()
 
 
 def known() -> dict[str, Declaration]:
     global _declarations
     if _declarations is None:
-        _declarations = declarations.load_all()
+        with _load_lock:
+            if _declarations is None:
+                _declarations = declarations.load_all()
     return _declarations
 
 
 def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, ...]:
     """Apply the named patches (all default ones when none are named); atomic across the call."""
-    with _lock:
-        selected = _select(ids, default_only=True)
-        per_patch = _split_options(selected, options)
-        done: list[str] = []
-        try:
-            for declaration in selected:
-                if _request(declaration, per_patch[declaration.id], force):
-                    done.append(declaration.id)
-        except Exception as exc:
-            for patch_id in reversed(done):
-                _revert_one(patch_id)
-            failed = declaration.id
-            if isinstance(exc, PatchError):
-                raise
-            raise PatchError(f"patch {failed!r} failed while applying, nothing of this call is applied: {exc}") from exc
-        finally:
-            _publish()
-        return tuple(_status(d) for d in selected)
+    if not isinstance(force, bool):
+        raise OptionError(f"force must be True or False, not {force!r}")
+    selected = _select(ids, default_only=True)
+    per_patch = _split_options(selected, options)
+    upstream.knowledge()  # malformed compat/ data fails here, before anything is touched
+    while True:
+        modules = _settle(selected)
+        with _lock:
+            if _moved(modules):
+                continue  # an import started meanwhile: wait for it outside the lock, then decide
+            _forget_reloaded()
+            done: list[str] = []
+            try:
+                for declaration in selected:
+                    if _request(declaration, per_patch[declaration.id], force, modules):
+                        done.append(declaration.id)
+            except Exception as exc:
+                for patch_id in reversed(done):
+                    _revert_one(patch_id)
+                if isinstance(exc, PatchError):
+                    raise
+                raise PatchError(
+                    f"patch {declaration.id!r} failed while applying, nothing of this call is applied: {exc}"
+                ) from exc
+            finally:
+                _publish()
+            return tuple(_status(d) for d in selected)
 
 
 def revert(*ids: str) -> tuple[PatchStatus, ...]:
-    """Revert the named patches (everything this process applied when none are named)."""
+    """Revert the named patches (everything this process applied when none are named).
+
+    Reverting a patch that was refused at an import also stops that refusal: the module imports
+    again, unpatched, because you asked for it.
+    """
+    selected = _select(ids, default_only=False)
     with _lock:
-        selected = _select(ids, default_only=False)
+        _forget_reloaded()
         for declaration in selected:
             _revert_one(declaration.id)
         _publish()
@@ -101,8 +131,11 @@ def revert(*ids: str) -> tuple[PatchStatus, ...]:
 
 
 def status() -> tuple[PatchStatus, ...]:
+    table = known()
     with _lock:
-        return tuple(_status(d) for d in known().values())
+        if _forget_reloaded():
+            _publish()
+        return tuple(_status(d) for d in table.values())
 
 
 def _select(ids: tuple[str, ...], default_only: bool) -> list[Declaration]:
@@ -116,16 +149,93 @@ def _select(ids: tuple[str, ...], default_only: bool) -> list[Declaration]:
 
 
 def _split_options(selected: list[Declaration], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    accepted = {name: d.id for d in selected for name in d.options}
-    unknown = sorted(set(options) - set(accepted))
+    """Each option to the patch that declares it, every value checked against its declaration."""
+    owner = {name: d for d in selected for name in d.options}
+    unknown = sorted(set(options) - set(owner))
     if unknown:
-        raise PatchError(
-            f"unknown option(s) {unknown} for patches {[d.id for d in selected]}; known options: {sorted(accepted)}"
+        raise OptionError(
+            f"unknown option(s) {unknown} for patches {[d.id for d in selected]}; known options: {sorted(owner)}"
         )
-    return {d.id: {**d.options, **{k: v for k, v in options.items() if accepted[k] == d.id}} for d in selected}
+    for name, value in options.items():
+        owner[name].options[name].check(value, owner[name].id)
+    return {d.id: {**d.defaults, **{k: v for k, v in options.items() if owner[k] is d}} for d in selected}
 
 
-def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> bool:
+# --- modules: imported, not imported, or being imported -----------------------------------------------
+
+
+def _settle(selected: list[Declaration]) -> dict[str, ModuleType | None]:
+    """Every target module of ``selected``: fully imported, or None (not imported; our hook waits for it).
+
+    Runs outside the engine lock: it waits for an import another thread has under way, and loads
+    the fix modules of the patches that can be installed at once.
+    """
+    modules = {name: _imported(name) for d in selected for name in d.modules}
+    _load_factories(d for d in selected if all(modules[name] is not None for name in d.modules))
+    return modules
+
+
+def _imported(name: str) -> ModuleType | None:
+    while True:
+        module = sys.modules.get(name)
+        if module is None:
+            if _register_hook(name):
+                return None
+            continue  # it appeared while we registered: someone is importing it
+        if _complete(name, module):
+            return module
+        # Blocks until the thread importing it is done (were that import to fail, this one would try
+        # again, as any importer waiting for it would); in this thread it returns the half module.
+        importlib.import_module(name)
+        if not _complete(name, sys.modules.get(name)):
+            raise PatchError(
+                f"{name} is being imported by this very thread (apply() was called from inside that import); "
+                "call apply() before or after that import"
+            )
+
+
+def _complete(name: str, module: ModuleType | None) -> bool:
+    # importlib marks a module "_initializing" until its import returns; our hook runs just before that.
+    return module is not None and (
+        _executed.get(name) is module or not getattr(getattr(module, "__spec__", None), "_initializing", False)
+    )
+
+
+def _moved(modules: Mapping[str, ModuleType | None]) -> bool:
+    """True if a module's import started, or it was imported anew, since :func:`_settle` looked."""
+    return any(sys.modules.get(name) is not module for name, module in modules.items())
+
+
+def _register_hook(name: str) -> bool:
+    """Make our post-import hook fire when ``name`` is imported; False if it appeared meanwhile."""
+    with _hook_lock:
+        if name in _hooked:
+            return True
+        _local.registering, _local.appeared = name, False
+        try:
+            wrapt.register_post_import_hook(_on_import, name)  # calls the hook at once if the module is there
+        finally:
+            _local.registering = None
+        if _local.appeared:
+            return False
+        _hooked.add(name)
+        return True
+
+
+def _load_factories(selected) -> None:
+    """Import the fix modules now, outside the engine lock; installing under it then imports nothing."""
+    for declaration in selected:
+        for target in declaration.targets:
+            try:
+                _factory(target.wrapper)
+            except (ImportError, AttributeError):
+                pass  # installing reports it, naming the patch
+
+
+# --- one patch ------------------------------------------------------------------------------------------
+
+
+def _request(declaration: Declaration, options: dict[str, Any], force: bool, modules: Mapping[str, ModuleType | None]) -> bool:
     """Apply one patch now or when its modules are imported; False if it already was."""
     record = _records.setdefault(declaration.id, _Record())
     if record.state in ("applied", "pending"):
@@ -136,64 +246,96 @@ def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> 
             )
         log.debug("patch %s is already %s; nothing to do", declaration.id, record.state)
         return False
+    _unblock(declaration.id, record)
+    own = {name: modules[name] for name in declaration.modules}
     try:
-        warnings = gate.require_stack(declaration, force)
+        warnings = gate.require_stack(declaration, force) + gate.require_known_code(declaration, force, own)
     except PatchError as exc:
         _refuse(declaration, record, exc)
         raise
-    record.options, record.force, record.warnings = options, force, warnings
-    record.missing = {name for name in declaration.modules if name not in sys.modules}
+    record.options, record.force, record.warnings = options, force, []
+    record.missing = {name for name, module in own.items() if module is None}
     if not record.missing:
-        _install(declaration, record)
+        _install(declaration, record, own, warnings)
         return True
+    _warn(record, warnings)  # forced now, whether or not the import ever comes
     missing = sorted(record.missing)
     record.state, record.reason = "pending", f"waiting for {', '.join(missing)} to be imported"
     for name in missing:
-        if name not in _waiting:
-            _waiting[name] = []
-            wrapt.register_post_import_hook(_on_import, name)
-        _waiting[name].append(declaration.id)
+        _wait(name, declaration.id)
     log.info("patch %s %s pending until %s imported", declaration.id, declaration.version, " and ".join(missing))
     return True
 
 
+def _wait(name: str, patch_id: str) -> None:
+    waiting = _waiting.setdefault(name, [])
+    if patch_id not in waiting:
+        waiting.append(patch_id)
+
+
 def _on_import(module: ModuleType) -> None:
     """The post-import hook of one module: install what waited for it, then raise what refused."""
+    name = module.__name__
+    if getattr(_local, "registering", None) == name:
+        _local.appeared = True  # wrapt calling us from register_post_import_hook: apply() decides this one
+        return
+    _executed[name] = module
+    with _hook_lock:
+        _hooked.discard(name)
     with _lock:
-        refused: list[PatchError] = []
-        for patch_id in _waiting.pop(module.__name__, []):
-            record = _records[patch_id]
-            if record.state != "pending" or module.__name__ not in record.missing:
-                continue  # reverted since it asked
-            record.missing.discard(module.__name__)
-            if not record.missing:
-                try:
-                    _install(known()[patch_id], record)
-                except PatchError as exc:
-                    refused.append(exc)
-                except Exception as exc:  # raised after the others are installed, named, with its cause
-                    failed = PatchError(f"patch {patch_id!r} failed while installing on import: {exc}")
-                    failed.__cause__ = exc
-                    refused.append(failed)
+        ready = [known()[pid] for pid in _waiting.get(name, ()) if _records[pid].missing == {name}]
+    _load_factories(ready)
+    with _lock:
+        refused = [failure for patch_id in _waiting.pop(name, []) if (failure := _arrived(patch_id, name, module))]
         _publish()
+    if not refused:
+        return
+    # The import fails. importlib would drop the module from sys.modules; we do it first, so that
+    # our hook is registered again and every later import of it is refused too, until revert().
+    sys.modules.pop(name, None)
+    _register_hook(name)
     if len(refused) == 1:
         raise refused[0]
-    if refused:
-        raise PatchError("\n".join(str(exc) for exc in refused))
+    kind = IncompatibleUpstreamError if all(isinstance(e, IncompatibleUpstreamError) for e in refused) else PatchError
+    raise kind("\n".join(str(exc) for exc in refused))
 
 
-def _install(declaration: Declaration, record: _Record) -> None:
+def _arrived(patch_id: str, name: str, module: ModuleType) -> PatchError | None:
+    """One patch's part of an import: install it if this was the last module it waited for."""
+    declaration, record = known()[patch_id], _records[patch_id]
+    if name in record.blocking:
+        _wait(name, patch_id)
+        return record.refusal
+    if record.state != "pending" or name not in record.missing:
+        return None  # reverted since it asked
+    record.missing.discard(name)
+    if record.missing:
+        return None
+    modules = {m: module if m == name else sys.modules.get(m) for m in declaration.modules}
     try:
-        warnings = record.warnings + gate.require_known_code(declaration, record.force)
+        _install(declaration, record, modules, gate.require_known_code(declaration, record.force, modules))
+        return None
     except PatchError as exc:
-        _refuse(declaration, record, exc)
-        raise
-    for message in warnings:
-        log.warning("%s", message)
+        failure = exc
+        if not isinstance(exc, IncompatibleUpstreamError):
+            record.reason = f"failed while installing on import: {exc}"
+    except Exception as exc:  # named, with its cause, and raised in the import like a refusal
+        failure = PatchError(f"patch {patch_id!r} failed while installing on import: {exc}")
+        failure.__cause__ = exc
+        record.reason = str(failure)
+    if isinstance(failure, IncompatibleUpstreamError):
+        _refuse(declaration, record, failure)
+    record.refusal, record.blocking = failure, {name}
+    _wait(name, patch_id)
+    return failure
+
+
+def _install(declaration: Declaration, record: _Record, modules: Mapping[str, ModuleType | None],
+             warnings: list[str]) -> None:
+    _warn(record, warnings)
     try:
         for target in declaration.targets:
-            module = sys.modules[target.module]
-            slot = _slots.get(target.path) or Slot(target.path, module, target.qualname, target.names)
+            slot = _slots.get(target.path) or Slot(target.path, modules[target.module], target.qualname, target.names)
             layer = _factory(target.wrapper)(slot.original, record.options)
             slot.add(layer, target.order)
             _slots[target.path] = slot
@@ -203,13 +345,27 @@ def _install(declaration: Declaration, record: _Record) -> None:
         record.state, record.reason = "not-applied", "failed while installing"
         raise
     record.state = "applied"
-    record.reason = "forced over unrecognised upstream" if warnings else ""
+    record.reason = "forced over unrecognised upstream" if record.warnings else ""
     log.info("patch %s %s applied to %s", declaration.id, declaration.version, ", ".join(t.path for t in declaration.targets))
+
+
+def _warn(record: _Record, warnings: list[str]) -> None:
+    for message in warnings:
+        if message not in record.warnings:
+            record.warnings.append(message)
+            log.warning("%s", message)
 
 
 def _refuse(declaration: Declaration, record: _Record, exc: Exception) -> None:
     record.state, record.reason = "incompatible", str(exc)
     log.info("patch %s %s refused: %s", declaration.id, declaration.version, exc)
+
+
+def _unblock(patch_id: str, record: _Record) -> None:
+    if record.blocking:
+        log.info("patch %s no longer refuses imports of %s", patch_id, ", ".join(sorted(record.blocking)))
+    record.blocking.clear()
+    record.refusal = None
 
 
 def _factory(dotted: str):
@@ -219,7 +375,10 @@ def _factory(dotted: str):
 
 def _revert_one(patch_id: str) -> None:
     record = _records.get(patch_id)
-    if record is None or record.state not in ("applied", "pending"):
+    if record is None:
+        return
+    _unblock(patch_id, record)
+    if record.state not in ("applied", "pending"):
         return
     record.missing.clear()
     _remove_layers(record)
@@ -229,7 +388,7 @@ def _revert_one(patch_id: str) -> None:
 
 def _remove_layers(record: _Record) -> None:
     for slot, layer in reversed(record.layers):
-        if slot.remove(layer):
+        if slot.remove(layer) and _slots.get(slot.path) is slot:
             del _slots[slot.path]
     record.layers.clear()
 
@@ -253,9 +412,33 @@ def _bypass(patch_id: str, record: _Record) -> str:
     return ""
 
 
+def _forget_reloaded() -> bool:
+    """Applied patches whose module was reloaded (or imported anew) are no longer applied: say so."""
+    changed = False
+    for patch_id, record in _records.items():
+        dead = [slot for slot, _ in record.layers if not slot.live()]
+        if record.state != "applied" or not dead:
+            continue
+        for slot in dead:
+            slot.discard()
+            if _slots.get(slot.path) is slot:
+                del _slots[slot.path]
+        _remove_layers(record)
+        modules = ", ".join(sorted({slot.path.partition(":")[0] for slot in dead}))
+        record.state = "not-applied"
+        record.reason = (f"{modules} was reloaded or imported anew: its new code is not patched; "
+                         "apply() patches it (after the gate checks it again)")
+        log.warning("(module-reloaded) patch %s: %s", patch_id, record.reason)
+        changed = True
+    return changed
+
+
 def _publish() -> None:
-    """Tell child processes what this one has applied (see startup.py); nothing left, nothing told."""
-    active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending")}
+    """Tell child processes what this one has applied (see startup.py); nothing left, nothing told.
+
+    A patch refused at an import is still told: its children refuse that code too, until revert().
+    """
+    active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending") or r.blocking}
     if active:
         force = any(_records[pid].force for pid in active)
         os.environ[environment.ACTIVATE] = startup.encode(active, force)
@@ -278,5 +461,5 @@ def _status(declaration: Declaration) -> PatchStatus:
         default=declaration.default,
         summary=declaration.summary,
         targets=tuple(t.path for t in declaration.targets),
-        options=dict(record.options or declaration.options),
+        options=dict(record.options or declaration.defaults),
     )

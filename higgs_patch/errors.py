@@ -7,8 +7,16 @@ class PatchError(Exception):
     """A patch could not be declared, applied or reverted."""
 
 
-class DeclarationError(PatchError):
+class DataError(PatchError):
+    """A data file shipped with the plugin (``patches/*.toml``, ``compat/*.toml``) is malformed."""
+
+
+class DeclarationError(DataError):
     """A file in patches/ is malformed or points somewhere it must not."""
+
+
+class OptionError(PatchError, ValueError):
+    """An option or argument given to apply() is not one its declaration allows."""
 
 
 class IncompatibleUpstreamError(PatchError):

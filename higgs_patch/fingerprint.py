@@ -15,8 +15,10 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 from types import ModuleType
 
 PREFIX = "ast1:"
@@ -26,7 +28,10 @@ def of_source(source: str | bytes, qualname: str | None) -> str:
     """Fingerprint of the function or class ``qualname`` in a module's source; None: the whole module."""
     if isinstance(source, bytes):
         source = importlib.util.decode_source(source)
-    tree = ast.parse(source)
+    return _digest(ast.parse(source), qualname)
+
+
+def _digest(tree: ast.Module, qualname: str | None) -> str:
     node = tree if qualname is None else _find(tree, qualname.split("."))
     if node is None:
         raise LookupError(f"{qualname} is not defined in this source")
@@ -40,21 +45,62 @@ def of_file(path: str, qualname: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _of_file_cached(path: str, qualname: str | None, _mtime: int, _size: int) -> str:
-    with open(path, "rb") as handle:
-        return of_source(handle.read(), qualname)
+def _of_file_cached(path: str, qualname: str | None, mtime: int, size: int) -> str:
+    return _digest(_parse_cached(path, mtime, size), qualname)
 
 
 def source_file(module: ModuleType | str) -> str:
-    """The file a module is (or would be) loaded from, without importing it."""
+    """The file a module is (or would be) loaded from, without importing it (nor its packages)."""
     if isinstance(module, str):
-        spec = importlib.util.find_spec(module)
+        spec = _spec(module)
         origin = spec.origin if spec else None
     else:
         origin = getattr(module.__spec__, "origin", None) or getattr(module, "__file__", None)
     if not origin or not os.path.isfile(origin):
         raise FileNotFoundError(f"no source file for module {module!r}")
     return origin
+
+
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """``importlib.util.find_spec`` without importing the parent packages: searched along their paths."""
+    parent, _, _ = name.rpartition(".")
+    if not parent:
+        return importlib.util.find_spec(name)
+    loaded = sys.modules.get(parent)
+    outer = getattr(loaded, "__spec__", None) if loaded is not None else _spec(parent)
+    locations = getattr(loaded, "__path__", None) or (outer.submodule_search_locations if outer else None)
+    return importlib.machinery.PathFinder.find_spec(name, locations) if locations else None
+
+
+def defining(module_name: str, qualname: str) -> tuple[str, str]:
+    """The file and qualified name that define ``module_name:qualname``, read without importing anything.
+
+    Follows a top-level ``from .x import name`` to the module that defines the name, as the import would.
+    """
+    path = source_file(module_name)
+    head, _, rest = qualname.partition(".")
+    tree = _parse_file(path)
+    if _find(tree, [head]) is not None:
+        return path, qualname
+    package = module_name if os.path.basename(path) == "__init__.py" else module_name.rpartition(".")[0]
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (alias.asname or alias.name) == head:
+                    source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                    return defining(source, ".".join(filter(None, [alias.name, rest])))
+    raise LookupError(f"{qualname} is not defined in {path}")
+
+
+def _parse_file(path: str) -> ast.Module:
+    stat = os.stat(path)
+    return _parse_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(path: str, _mtime: int, _size: int) -> ast.Module:
+    with open(path, "rb") as handle:
+        return ast.parse(importlib.util.decode_source(handle.read()))
 
 
 def _find(tree: ast.AST, path: list[str]) -> ast.AST | None:

@@ -13,6 +13,7 @@ import inspect
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Mapping
 
 import wrapt
 
@@ -74,25 +75,47 @@ def conflicts(declaration: Declaration) -> list[Conflict]:
     return found
 
 
-def definition(target: Target) -> tuple[str, str | None]:
+def definition(target: Target, holder: ModuleType | None = None) -> tuple[str, str | None]:
     """The source file and qualified name that define a target (None: the whole module holding it).
 
-    Imports the target's module. Our own wrappers and views are seen through (``__wrapped__``).
+    ``holder``: the target's module, fully imported; without it the module is imported here. Our own
+    wrappers and views are seen through (``__wrapped__``).
     """
-    holder = importlib.import_module(target.module)
+    holder = holder if holder is not None else importlib.import_module(target.module)
     found = inspect.unwrap(wrapt.resolve_path(holder, target.qualname)[2])
     if isinstance(found, ModuleType) or not hasattr(found, "__qualname__"):
         return fingerprint.source_file(holder), None
     return fingerprint.source_file(sys.modules[found.__module__]), found.__qualname__
 
 
-def code_checks(declaration: Declaration) -> list[CodeCheck]:
-    """Fingerprint every target of the declaration that compat/ says must match."""
+def static_definition(target: Target) -> tuple[str, str | None]:
+    """What :func:`definition` finds, read from the source files without importing anything.
+
+    A target that names functions (``names``) is a module its module imports: the whole module holding it.
+    """
+    if target.names:
+        return fingerprint.source_file(target.module), None
+    return fingerprint.defining(target.module, target.qualname)
+
+
+def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | None] | None = None) -> list[CodeCheck]:
+    """Fingerprint every target of the declaration that compat/ says must match.
+
+    ``modules``: the target modules, each fully imported or None (not imported: read from its source
+    file without importing it, and left to the import when it cannot be found that way); without it
+    every target module is imported.
+    """
     knowledge = upstream.knowledge()
     checks = []
     for target in declaration.targets:
         if knowledge.must_match(target.path):
-            path, qualname = definition(target)
+            if modules is not None and modules.get(target.module) is None:
+                try:
+                    path, qualname = static_definition(target)
+                except (FileNotFoundError, LookupError):
+                    continue  # not found without importing it (a path added later, a dynamic definition): the import decides
+            else:
+                path, qualname = definition(target, modules[target.module] if modules is not None else None)
             found = fingerprint.of_file(path, qualname)
             checks.append(CodeCheck(target.path, path, qualname, found, knowledge.known(target.path)))
     return checks
@@ -104,11 +127,15 @@ def require_stack(declaration: Declaration, force: bool) -> list[str]:
     return _verdict(declaration, "the installed stack does not meet its requirements", problems, force)
 
 
-def require_known_code(declaration: Declaration, force: bool) -> list[str]:
+def require_known_code(
+    declaration: Declaration, force: bool, modules: Mapping[str, ModuleType | None] | None = None
+) -> list[str]:
     """Raise unless every fingerprinted target is known code; return the warnings a forced pass carries."""
+    upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
     try:
-        problems = [str(check) for check in code_checks(declaration) if not check.matches]
-    except Exception as exc:  # no source file, a target gone: unknown code, refused like any other
+        problems = [str(check) for check in code_checks(declaration, modules) if not check.matches]
+    except (OSError, LookupError, SyntaxError, ValueError, AttributeError, ImportError) as exc:
+        # no source file, a target gone, unparsable code: unknown code, refused like any other
         problems = [f"cannot fingerprint its targets: {type(exc).__name__}: {exc}"]
     return _verdict(declaration, "its target code is not a known upstream release", problems, force)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from types import ModuleType
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ class Slot:
     def __init__(self, path: str, module: ModuleType, qualname: str, names: tuple[str, ...] = ()) -> None:
         self.path = path
         self.names = names
+        self.module, self.spec = module, module.__spec__
         self.parent, self.name, self.original = wrapt.resolve_path(module, qualname)
         self._owned = not inspect.isclass(self.parent) or self.name in vars(self.parent)
         self.layers: tuple[Layer, ...] = ()
@@ -63,12 +65,31 @@ class Slot:
                 self.path,
             )
             return False
+        self._restore()
+        return True
+
+    def live(self) -> bool:
+        """False once the module holding this slot was reloaded (importlib gives it a new ``__spec__``)
+        or imported anew (a new module object): its code is new and unpatched. Someone else's wrapper
+        or replacement over ours on the same class does not count: revert() deals with that."""
+        if self.installed is None:
+            return False
+        module = sys.modules.get(self.module.__name__)
+        return module is None or (module is self.module and module.__spec__ is self.spec)
+
+    def discard(self) -> None:
+        """Forget this slot after its module was reloaded: the original goes back only where our proxy
+        still is (the old class), never over the reloaded code."""
+        if self.installed is not None and self._current() is self.installed:
+            self._restore()
+        self.layers, self.installed = (), None
+
+    def _restore(self) -> None:
         if self._owned:
             setattr(self.parent, self.name, self.original)
         else:
             delattr(self.parent, self.name)
         self.installed = None
-        return True
 
     def replacement(self) -> object | None:
         """What now stands where our proxy was put, if that no longer leads to it; else None.

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
-from importlib import resources
+from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from . import schema
+from .errors import DataError
+from .fingerprint import PREFIX
 
 
 @dataclass(frozen=True)
@@ -48,24 +48,61 @@ class Knowledge:
         return found
 
 
-def _read(name: str) -> dict:
-    return tomllib.loads(resources.files("higgs_patch.compat").joinpath(name).read_text(encoding="utf-8"))
+FINGERPRINTS, MATRIX = "fingerprints.toml", "matrix.toml"
+RELEASE_FIELDS = {"name": str, "origin": str, "targets": dict}
+KNOWN_BAD_FIELDS = {"distribution": str, "works": str, "reason": str, "fix": str, "when": dict}
+
+
+def _read(name: str, fields: dict[str, type]) -> dict[str, Any]:
+    source = f"compat/{name}"
+    return dict(schema.check_fields(schema.read("higgs_patch.compat", name, source), source, fields))
+
+
+def _tables(data: dict[str, Any], key: str, source: str, fields: dict[str, type], required: tuple[str, ...]):
+    for index, table in enumerate(data.get(key, [])):
+        yield schema.check_fields(table, f"{source}: {key}[{index}]", fields, required=required)
+
+
+def _specifier(text: str, where: str) -> str:
+    try:
+        SpecifierSet(text)
+    except InvalidSpecifier as exc:
+        raise DataError(f"{where}: {text!r} is not a PEP 440 specifier") from exc
+    return text
 
 
 @functools.lru_cache(maxsize=1)
 def known_bad() -> tuple[KnownBad, ...]:
     """The combinations compat/matrix.toml knows not to work."""
-    return tuple(
-        KnownBad(e["distribution"], e["works"], e["reason"], e["fix"], dict(e.get("when", {})))
-        for e in _read("matrix.toml").get("known-bad", [])
-    )
+    source = f"compat/{MATRIX}"
+    data = _read(MATRIX, {"tested": list, "known-bad": list})
+    for index, stack in enumerate(data.get("tested", [])):
+        schema.check_mapping(stack, f"{source}: tested[{index}]", str)
+    rules = []
+    for index, entry in enumerate(_tables(data, "known-bad", source, KNOWN_BAD_FIELDS,
+                                          ("distribution", "works", "reason", "fix"))):
+        where = f"{source}: known-bad[{index}]"
+        when = schema.check_mapping(entry.get("when", {}), f"{where}.when", str)
+        rules.append(KnownBad(entry["distribution"], _specifier(entry["works"], f"{where}.works"), entry["reason"],
+                              entry["fix"], {name: _specifier(spec, f"{where}.when.{name}") for name, spec in when.items()}))
+    return tuple(rules)
 
 
 @functools.lru_cache(maxsize=1)
 def knowledge() -> Knowledge:
-    data = _read("fingerprints.toml")
-    releases = tuple(
-        Release(name=entry["name"], origin=entry.get("origin", ""), fingerprints=dict(entry["targets"]))
-        for entry in data.get("release", [])
-    )
-    return Knowledge(fingerprinted=tuple(data.get("fingerprinted", ())), releases=releases)
+    """What compat/fingerprints.toml knows; a malformed file is a DataError, never an unknown upstream."""
+    source = f"compat/{FINGERPRINTS}"
+    data = _read(FINGERPRINTS, {"fingerprinted": list, "release": list})
+    fingerprinted = data.get("fingerprinted", [])
+    for index, package in enumerate(fingerprinted):
+        schema.check_type(package, str, f"{source}: fingerprinted[{index}]")
+    releases = []
+    for index, entry in enumerate(_tables(data, "release", source, RELEASE_FIELDS, ("name", "targets"))):
+        where = f"{source}: release[{index}] ({entry['name']}).targets"
+        for path, found in schema.check_mapping(entry["targets"], where, str).items():
+            if path.count(":") != 1 or not found.startswith(PREFIX):
+                raise DataError(f"{where}.{path}: expected 'module:Qualified.name' = \"{PREFIX}...\", got {found!r}")
+        releases.append(Release(name=entry["name"], origin=entry.get("origin", ""), fingerprints=dict(entry["targets"])))
+    if not releases:
+        raise DataError(f"{source}: no [[release]] entries; the gate would refuse every fingerprinted target")
+    return Knowledge(fingerprinted=tuple(fingerprinted), releases=tuple(releases))

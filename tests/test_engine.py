@@ -193,13 +193,39 @@ def test_revert_leaves_a_later_foreign_wrapper_in_place_and_says_so(patch_log):
         engine._slots.pop(FORWARD, None)
 
 
+def test_a_class_level_replacement_after_apply_is_not_taken_for_a_reload(patch_log):
+    """Community trainers assign HiggsAudioModel.forward after import; only a reload makes new, unpatched code."""
+    higgs_patch.apply("forward-kwargs-filter")
+    ours = Model.__dict__["forward"]
+
+    def theirs(self, *args, **kwargs):
+        return ours(self, *args, **kwargs)
+
+    Model.forward = theirs
+    try:
+        assert states()["forward-kwargs-filter"] == "bypassed"  # reported as replaced, not as reloaded
+        assert not any("module-reloaded" in r.getMessage() for r in patch_log.records)
+        higgs_patch.revert("forward-kwargs-filter")
+        assert Model.__dict__["forward"] is theirs
+        assert any("replaced after higgs_patch" in r.getMessage() for r in patch_log.records)
+    finally:
+        Model.forward = ORIGINALS[FORWARD]
+        engine._slots.pop(FORWARD, None)
+
+
 # --- atomicity -------------------------------------------------------------------------------------------
 
 
-def test_a_patch_failing_mid_apply_leaves_no_patch_of_that_call_applied():
+def test_a_patch_failing_mid_apply_leaves_no_patch_of_that_call_applied(monkeypatch):
     # Patches apply in the order named: the first two go in, then the last one's factory raises.
-    with pytest.raises(higgs_patch.PatchError, match="model-loss"):
-        higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "model-loss", text_loss_weight="heavy")
+    from higgs_patch.fixes import trainer_compute_loss
+
+    def broken(original, options):
+        raise RuntimeError("factory broke")
+
+    monkeypatch.setattr(trainer_compute_loss, "honour_label_smoothing", broken)
+    with pytest.raises(higgs_patch.PatchError, match="trainer-compute-loss.*factory broke"):
+        higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "trainer-compute-loss")
     assert all(state != "applied" for state in states().values())
     assert originals_back()
 
@@ -421,9 +447,10 @@ def test_a_patch_over_several_modules_is_pending_on_all_of_them_then_applied():
     assert after == "applied"
 
 
-def test_a_refusal_at_import_raises_there_and_strands_no_other_patch_in_pending(tmp_path):
-    """Only the collator module's helper changes: device-tensor-factory (whole module) is refused at
-    import, collator-audio-index (its __call__ only) is applied by the same hook."""
+def test_a_refusal_before_the_import_leaves_nothing_of_the_call_and_the_others_apply_by_id(tmp_path):
+    """Only the collator module's helper changes: device-tensor-factory (whole module) is refused by
+    apply() itself, before the import; collator-audio-index of the same call is not left pending,
+    and applied alone it is installed at the import."""
     root = tmp_path / "upstream"
     shutil.copytree(Path(collator_module.__file__).parents[1], root / "boson_multimodal")
     target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
@@ -433,41 +460,56 @@ def test_a_refusal_at_import_raises_there_and_strands_no_other_patch_in_pending(
     result = run_python(
         """
         import json, higgs_patch
-        higgs_patch.apply("device-tensor-factory", "collator-audio-index")  # the refused one asks first
         try:
-            import boson_multimodal.data_collator.higgs_audio_collator
-            outcome = "imported"
+            higgs_patch.apply("collator-audio-index", "device-tensor-factory")
+            outcome = "returned"
         except higgs_patch.IncompatibleUpstreamError as exc:
             outcome = str(exc)
-        print(json.dumps({"outcome": outcome, "states": {s.id: s.state for s in higgs_patch.status()}}))
+        after_call = {s.id: s.state for s in higgs_patch.status()}
+        higgs_patch.apply("collator-audio-index")
+        import boson_multimodal.data_collator.higgs_audio_collator
+        print(json.dumps({"outcome": outcome, "after_call": after_call, "states": {s.id: s.state for s in higgs_patch.status()}}))
         """,
         pythonpath=str(root),
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert "device-tensor-factory" in data["outcome"] and "higgs_audio_collator:torch" in data["outcome"]
+    assert data["after_call"]["collator-audio-index"] == "not-applied"
+    assert data["after_call"]["device-tensor-factory"] == "incompatible"
     assert data["states"]["collator-audio-index"] == "applied"
-    assert data["states"]["device-tensor-factory"] == "incompatible"
 
 
-def test_a_patch_that_fails_while_installing_on_import_is_named_and_not_left_pending():
+def test_a_patch_that_fails_while_installing_on_import_is_named_and_refuses_every_import_until_reverted():
     result = run_python(
         """
         import json, higgs_patch
-        higgs_patch.apply("model-loss", text_loss_weight="heavy")  # its factory raises ValueError
-        try:
-            import boson_multimodal.model.higgs_audio.modeling_higgs_audio
-            outcome = "imported"
-        except higgs_patch.PatchError as exc:
-            outcome = f"{type(exc).__name__}: {exc} (cause {type(exc.__cause__).__name__})"
-        states = {s.id: s.state for s in higgs_patch.status()}
-        print(json.dumps({"outcome": outcome, "state": states["model-loss"]}))
+        from higgs_patch.fixes import trainer_compute_loss
+
+        def broken(original, options):
+            raise ValueError("factory broke")
+
+        trainer_compute_loss.honour_label_smoothing = broken
+        higgs_patch.apply("trainer-compute-loss")
+        outcomes = []
+        for _ in range(2):
+            try:
+                import transformers.trainer
+                outcomes.append("imported")
+            except higgs_patch.PatchError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc} (cause {type(exc.__cause__).__name__})")
+        state = {s.id: s.state for s in higgs_patch.status()}["trainer-compute-loss"]
+        higgs_patch.revert("trainer-compute-loss")
+        import transformers.trainer
+        print(json.dumps({"outcomes": outcomes, "state": state}))
         """
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert data["outcome"].startswith("PatchError: patch 'model-loss' failed while installing on import")
-    assert data["outcome"].endswith("(cause ValueError)")
+    first, second = data["outcomes"]
+    assert first.startswith("PatchError: patch 'trainer-compute-loss' failed while installing on import")
+    assert first.endswith("(cause ValueError)")
+    assert second == first
     assert data["state"] == "not-applied"
 
 
