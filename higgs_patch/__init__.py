@@ -13,8 +13,11 @@ import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
+from . import sourcetree
 from .engine import PatchStatus, apply, revert, status
 from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, PatchError
+
+sourcetree.map_data_packages(__name__)
 
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
