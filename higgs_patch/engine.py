@@ -121,20 +121,26 @@ def _split_options(selected: list[Declaration], options: dict[str, Any]) -> dict
         raise PatchError(
             f"unknown option(s) {unknown} for patches {[d.id for d in selected]}; known options: {sorted(accepted)}"
         )
-    return {d.id: {**d.options, **{k: v for k, v in options.items() if accepted[k] == d.id}} for d in selected}
+    return {d.id: {k: v for k, v in options.items() if accepted[k] == d.id} for d in selected}
 
 
-def _request(declaration: Declaration, options: dict[str, Any], force: bool) -> bool:
-    """Apply one patch now or when its modules are imported; False if it already was."""
+def _request(declaration: Declaration, chosen: dict[str, Any], force: bool) -> bool:
+    """Apply one patch now or when its modules are imported; False if it already was.
+
+    Options not ``chosen`` take the declared defaults, or keep the values an applied patch runs with:
+    ``apply()`` in a child that inherited ``higgs-patch run --option ...`` keeps that choice.
+    """
     record = _records.setdefault(declaration.id, _Record())
     if record.state in ("applied", "pending"):
-        if record.options != options:
+        changed = {name: value for name, value in chosen.items() if record.options.get(name) != value}
+        if changed:
             raise PatchError(
                 f"patch {declaration.id!r} is already {record.state} with options {record.options}; "
-                f"revert it before applying it with {options}"
+                f"revert it before applying it with {changed}"
             )
         log.debug("patch %s is already %s; nothing to do", declaration.id, record.state)
         return False
+    options = {**declaration.options, **chosen}
     try:
         warnings = gate.require_stack(declaration, force)
     except PatchError as exc:
