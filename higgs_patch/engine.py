@@ -22,7 +22,7 @@ import wrapt
 
 from . import declarations, environment, gate, startup
 from .declarations import Declaration
-from .errors import PatchError
+from .errors import IncompatibleUpstreamError, PatchError
 from .slots import Layer, Slot
 
 log = logging.getLogger("higgs_patch")
@@ -81,6 +81,12 @@ def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, 
             for patch_id in reversed(done):
                 _revert_one(patch_id)
             failed = declaration.id
+            if isinstance(exc, IncompatibleUpstreamError):
+                others = gate.still_applicable(d for d in selected if d.id != failed)
+                if others:
+                    ids = ", ".join(repr(patch_id) for patch_id in others)
+                    exc.args = (f"{exc}\nthe other patches of this call can still be applied by id: "
+                                f"higgs_patch.apply({ids})",)
             if isinstance(exc, PatchError):
                 raise
             raise PatchError(f"patch {failed!r} failed while applying, nothing of this call is applied: {exc}") from exc
