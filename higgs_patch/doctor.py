@@ -494,7 +494,9 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
     broken: list[str] = []  # the part of it that forcing cannot get past
     severity = FAIL if declaration.default else WARN  # a default patch that cannot apply makes apply() fail
 
-    conflicts = [str(c) for c in gate.conflicts(declaration)]
+    found = gate.conflicts(declaration)
+    conflicts = [str(c) for c in found]
+    unforceable = gate.not_there(declaration, found)
     if conflicts:
         blocking += conflicts
         checks.append(Check("requires", severity, "; ".join(conflicts), _requirement_fix(declaration)))
@@ -526,12 +528,16 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
         ]
 
     blocking += broken
-    forced = bool(blocking) and not broken and environment.flag(environment.FORCE)
+    forced = bool(blocking) and not broken and not unforceable and environment.flag(environment.FORCE)
     compatible = not blocking
     if compatible:
         checks.append(Check("would apply", OK, "yes"))
     elif forced:
-        checks.append(Check("would apply", WARN, f"yes, forced by {environment.FORCE}=1 over: " + "; ".join(blocking)))
+        checks.append(Check(
+            "would apply", WARN,
+            f"yes, forced by {environment.FORCE}=1 over: {'; '.join(blocking)}; forcing is not a fix: it can train wrong "
+            "without any error",
+        ))
     else:
         checks.append(Check("would apply", severity, "no: see the failed check(s) above"))
     checks.append(Check("this process", OK, status.state + (f" ({status.reason})" if status.reason else "")))

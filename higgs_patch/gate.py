@@ -142,7 +142,7 @@ def require_stack(declaration: Declaration, force: bool) -> list[str]:
         return []
     problems = [str(conflict) for conflict in found]
     fix = f"fix: {install_fix((c.distribution, c.requested) for c in found)}"
-    absent = [c.distribution for c in found if c.found is None and not _importable(declaration, c.distribution)]
+    absent = not_there(declaration, found)
     what = "the installed stack does not meet its requirements"
     if absent:
         missing = f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed: there is nothing to patch"
@@ -181,10 +181,16 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
     return ids
 
 
-def _importable(declaration: Declaration, distribution: str) -> bool:
-    """Whether the distribution's code can be imported without its metadata (e.g. a checkout on PYTHONPATH)."""
+def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:
+    """The distributions in conflict that nothing can force: not installed, and no code of theirs that the
+    declaration targets can be imported without metadata (as a checkout on PYTHONPATH can)."""
     tops = {t.module.split(".")[0] for t in declaration.targets}
-    return any(canonicalize_name(top) == canonicalize_name(distribution) and importlib.util.find_spec(top) for top in tops)
+    return [
+        c.distribution for c in found
+        if c.found is None and not any(
+            canonicalize_name(top) == canonicalize_name(c.distribution) and importlib.util.find_spec(top) for top in tops
+        )
+    ]
 
 
 def _verdict(declaration: Declaration, what: str, problems: list[str], fix: str, risk: str, force: bool) -> list[str]:

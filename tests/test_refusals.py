@@ -153,3 +153,13 @@ def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
     fixes = [c["fix"] for c in report_["checks"] if c["name"] == "boson_multimodal"]
     fixes += [c["fix"] for p in report_["patches"] for c in p["checks"] if c["level"] != "ok" and c["fix"]]
     assert len(fixes) >= 5 and set(fixes) == {BOSON_FIX}
+
+
+def test_doctor_does_not_promise_that_force_applies_a_patch_to_a_missing_upstream(without_upstream):
+    code = "import sys; from higgs_patch.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
+    done = python(code, pythonpath=without_upstream, flags=("-S",), env={"HIGGS_PATCH_FORCE": "1"})
+    report_ = json.loads(done.stdout)
+    for patch in report_["patches"]:
+        if "boson-multimodal" in " ".join(patch["conflicts"]):
+            verdict = next(c for c in patch["checks"] if c["name"] == "would apply")
+            assert verdict["detail"].startswith("no"), (patch["id"], verdict)
