@@ -494,9 +494,7 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
     broken: list[str] = []  # the part of it that forcing cannot get past
     severity = FAIL if declaration.default else WARN  # a default patch that cannot apply makes apply() fail
 
-    found = gate.conflicts(declaration)
-    conflicts = [str(c) for c in found]
-    unforceable = gate.not_there(declaration, found)
+    conflicts = [str(c) for c in gate.conflicts(declaration)]
     if conflicts:
         blocking += conflicts
         checks.append(Check("requires", severity, "; ".join(conflicts), _requirement_fix(declaration)))
@@ -528,7 +526,7 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
         ]
 
     blocking += broken
-    forced = bool(blocking) and not broken and not unforceable and environment.flag(environment.FORCE)
+    forced = bool(blocking) and not broken and environment.flag(environment.FORCE)
     compatible = not blocking
     if compatible:
         checks.append(Check("would apply", OK, "yes"))
