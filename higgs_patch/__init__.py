@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from . import sourcetree
 from .engine import PatchStatus, apply, revert, status
-from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, PatchError
+from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, InputError, PatchError
 
 sourcetree.map_data_packages(__name__)
 
@@ -42,6 +42,7 @@ __all__ = [
     "DeclarationError",
     "HiggsAudioLoss",
     "IncompatibleUpstreamError",
+    "InputError",
     "PatchError",
     "PatchStatus",
     "apply",

@@ -172,6 +172,40 @@ def _smoke_failed(step: str, exc: BaseException) -> None:
     sys.exit(1)
 
 
+@main.command()
+def learnability() -> None:
+    """Show that training under the patches trains the right thing: the model generates its targets back.
+
+    The tiny DualFFN model (delay pattern on), voice-clone samples whose target codes are a function
+    of their text, the stock Trainer with the default patches until the loss plateaus; then teacher-
+    forced accuracy and greedy generation through the upstream's generate. The same with the seed's
+    unshifted audio loss as the contrast. CPU, seeded, about 10 s. Exit 0 when the patched model
+    reproduces every target and the unshifted one does not.
+    """
+    import transformers
+
+    from . import learnability as check
+
+    transformers.logging.set_verbosity_error()
+    click.echo(
+        f"higgs-patch learnability: the tiny DualFFN model (delay pattern on), {check.SAMPLES} voice-clone samples whose\n"
+        f"target codes ({check.tiny.CODEBOOKS} codebooks x {check.FRAMES} frames) are a function of their text; trained on cpu "
+        "until the loss plateaus, then generated back greedily"
+    )
+    try:
+        comparison = check.compare()
+    except PatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(check.report(comparison))
+    problems = comparison.problems()
+    for problem in problems:
+        click.echo(f"  {_marks()['fail']} {problem}")
+    if problems:
+        click.echo("learnability: FAILED")
+        sys.exit(1)
+    click.echo("learnability: passed: the patched model generates every training target; the unshifted loss does not")
+
+
 def _show_probes(results: list[Any], marks: dict[str, str], unpatched: bool) -> bool:
     """One line per probe; True unless a probe failed with the patches applied."""
     width = max(len(r.what) for r in results)

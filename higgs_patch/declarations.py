@@ -31,12 +31,14 @@ class Target:
     """One attribute a patch wraps, ``module:Qualified.name``, and the factory of its wrapper.
 
     A target that is a module (the collator's ``torch``) names the functions read through it that
-    the wrapper applies to, in ``names``.
+    the wrapper applies to, in ``names``. Where several patches wrap one target, a higher ``order``
+    runs outside a lower one (equal orders: the one applied first is innermost).
     """
 
     path: str
     wrapper: str
     names: tuple[str, ...] = ()
+    order: int = 0
 
     @property
     def module(self) -> str:
@@ -114,7 +116,10 @@ def _parse_target(entry: Mapping[str, Any], fail) -> Target:
     names = entry.get("names", [])
     if not isinstance(names, list) or not all(isinstance(name, str) and name.isidentifier() for name in names):
         raise fail(f"names of target {path!r} must be a list of identifiers")
-    return Target(path=path, wrapper=wrapper, names=tuple(names))
+    order = entry.get("order", 0)
+    if not isinstance(order, int) or isinstance(order, bool):
+        raise fail(f"order of target {path!r} must be an integer, got {order!r}")
+    return Target(path=path, wrapper=wrapper, names=tuple(names), order=order)
 
 
 def load(text: str, source: str = "<declaration>") -> Declaration:

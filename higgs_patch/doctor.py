@@ -538,7 +538,8 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
         ))
     else:
         checks.append(Check("would apply", severity, "no: see the failed check(s) above"))
-    checks.append(Check("this process", OK, status.state + (f" ({status.reason})" if status.reason else "")))
+    in_use = WARN if status.state == "bypassed" else OK  # applied, but the target was replaced since
+    checks.append(Check("this process", in_use, status.state + (f" ({status.reason})" if status.reason else "")))
 
     dry_run, check = _dry_run(declaration, status.state, compatible or forced, states)
     checks.append(check)
@@ -577,7 +578,7 @@ def _unfingerprinted(target: Target) -> Check:
 
 def _dry_run(declaration: Declaration, state: str, would_apply: bool, states: dict[str, Any]) -> tuple[str, Check]:
     """Apply and revert in this process; the originals must be back, by identity."""
-    if state in ("applied", "pending"):
+    if state in ("applied", "bypassed", "pending"):
         return "skipped", Check("dry run", OK, f"skipped: {state} in this process, left as it is")
     if not would_apply:
         return "skipped", Check("dry run", WARN, "skipped: it would not apply")

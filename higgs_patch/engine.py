@@ -27,7 +27,7 @@ from .slots import Layer, Slot
 
 log = logging.getLogger("higgs_patch")
 
-State = Literal["applied", "pending", "not-applied", "incompatible"]
+State = Literal["applied", "bypassed", "pending", "not-applied", "incompatible"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ _records: dict[str, _Record] = {}
 _slots: dict[str, Slot] = {}
 _waiting: dict[str, list[str]] = {}  # module name -> ids of the pending patches that wait for it
 _declarations: dict[str, Declaration] | None = None
+_bypasses_told: set[tuple[str, str, int]] = set()  # (patch id, target path, id of what replaced our proxy)
 
 
 def known() -> dict[str, Declaration]:
@@ -206,7 +207,7 @@ def _install(declaration: Declaration, record: _Record) -> None:
             module = sys.modules[target.module]
             slot = _slots.get(target.path) or Slot(target.path, module, target.qualname, target.names)
             layer = _factory(target.wrapper)(slot.original, record.options)
-            slot.add(layer)
+            slot.add(layer, target.order)
             _slots[target.path] = slot
             record.layers.append((slot, layer))
     except Exception:
@@ -245,6 +246,25 @@ def _remove_layers(record: _Record) -> None:
     record.layers.clear()
 
 
+def _bypass(patch_id: str, record: _Record) -> str:
+    """Why calls may no longer reach an applied patch (a target replaced after apply()); '' if none."""
+    for slot, _ in record.layers:
+        replacement = slot.replacement()
+        if replacement is None:
+            continue
+        name = getattr(replacement, "__qualname__", type(replacement).__qualname__)
+        reason = (
+            f"{slot.path} was replaced after apply() by {getattr(replacement, '__module__', '?')}.{name}; "
+            "calls reach this patch only if the replacement calls the function it replaced, with the same "
+            "arguments. Remove the replacement (or revert before making it)"
+        )
+        if (patch_id, slot.path, id(replacement)) not in _bypasses_told:
+            _bypasses_told.add((patch_id, slot.path, id(replacement)))
+            log.warning("(patch-bypassed) patch %s: %s", patch_id, reason)
+        return reason
+    return ""
+
+
 def _publish() -> None:
     """Tell child processes what this one has applied (see startup.py); nothing left, nothing told."""
     active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending")}
@@ -257,11 +277,16 @@ def _publish() -> None:
 
 def _status(declaration: Declaration) -> PatchStatus:
     record = _records.get(declaration.id, _Record())
+    state, reason = record.state, record.reason
+    if state == "applied":
+        bypass = _bypass(declaration.id, record)
+        if bypass:
+            state, reason = "bypassed", bypass
     return PatchStatus(
         id=declaration.id,
         version=str(declaration.version),
-        state=record.state,
-        reason=record.reason,
+        state=state,
+        reason=reason,
         default=declaration.default,
         summary=declaration.summary,
         targets=tuple(t.path for t in declaration.targets),

@@ -20,3 +20,11 @@ class AudioIndexError(PatchError, IndexError):
 
     Also an IndexError, so code that already catches upstream's IndexError keeps working.
     """
+
+
+class InputError(PatchError, ValueError):
+    """A batch handed to the collator, or an output and batch handed to the loss, cannot be used as given.
+
+    The message says what is wrong and what to pass instead. Also a ValueError, as upstream's own
+    complaints about such input are.
+    """

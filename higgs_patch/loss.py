@@ -14,15 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 log = logging.getLogger("higgs_patch")
 
 IGNORE_INDEX = -100
+
+#: The Trainer's ``label_smoothing_factor`` while it computes a loss (set by trainer-compute-loss,
+#: read by model-loss when the model scores its own output).
+trainer_label_smoothing: ContextVar[float] = ContextVar("higgs_patch_label_smoothing", default=0.0)
+#: The losses computed during one Trainer training step, for its logs (opened by trainer-compute-loss).
+step_losses: ContextVar["list[HiggsAudioLoss] | None"] = ContextVar("higgs_patch_step_losses", default=None)
+
+_CACHE = "_higgs_patch_losses"  # attribute of a model output: the losses already computed from it
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ def higgs_audio_loss(
     *,
     text_loss_weight: float | None = None,
     audio_loss_weight: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> HiggsAudioLoss:
     """Cross-entropy of a ``HiggsAudioModel`` output against the batch it was computed from.
 
@@ -68,10 +80,29 @@ def higgs_audio_loss(
     The total is the mean of the components that have supervised tokens; with either weight given it
     is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a missing
     weight counts 1). With no supervised token at all the loss is an exact zero, still connected to
-    the graph, and a warning is logged.
+    the graph, and a warning is logged. ``label_smoothing`` smooths text and audio targets as the
+    Trainer's ``label_smoothing_factor`` does.
+
+    The result is remembered on ``outputs``: asking again for the same output, audio labels and
+    settings (the model's own loss, then a trainer's call) returns it instead of scoring twice.
     """
-    text_sum, text_count = _text_terms(outputs, batch)
-    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    _check_inputs(outputs, batch)
+    key = (text_loss_weight, audio_loss_weight, label_smoothing)
+    result = _remembered(outputs, batch, key)
+    if result is None:
+        result = _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
+        _remember(outputs, batch, key, result)
+    recorded = step_losses.get()
+    if recorded is not None and all(item is not result for item in recorded):
+        recorded.append(result)
+    return result
+
+
+def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing) -> HiggsAudioLoss:
+    text_sum, text_count = _text_terms(outputs, batch, label_smoothing)
+    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch, label_smoothing)
     text_tokens, audio_tokens = (int(n) for n in torch.stack([text_count, audio_count]).tolist())
 
     text = text_sum / text_tokens if text_tokens else None
@@ -96,6 +127,21 @@ def higgs_audio_loss(
     )
 
 
+def _remembered(outputs: Any, batch: Any, key: tuple) -> HiggsAudioLoss | None:
+    for audio_labels, settings, result in getattr(outputs, _CACHE, ()):
+        if audio_labels is field(batch, "label_audio_ids") and settings == key:
+            return result
+    return None
+
+
+def _remember(outputs: Any, batch: Any, key: tuple, result: HiggsAudioLoss) -> None:
+    entry = (field(batch, "label_audio_ids"), key, result)
+    try:  # a model output takes attributes; a plain dict or tuple does not, and is simply not cached
+        object.__setattr__(outputs, _CACHE, getattr(outputs, _CACHE, ()) + (entry,))
+    except (AttributeError, TypeError):
+        pass
+
+
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with inputs, shifted so that position t holds the target of the logits at t."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -107,7 +153,55 @@ def field(container: Any, name: str) -> Any:
     return getattr(container, name, None)
 
 
-def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_inputs(outputs: Any, batch: Any) -> None:
+    """Refuse, saying what to pass instead, what the loss would otherwise misread or score only in part."""
+    if not isinstance(batch, Mapping) and not (dataclasses.is_dataclass(batch) and not isinstance(batch, type)):
+        raise InputError(
+            f"the batch is a {type(batch).__name__}: higgs_audio_loss reads label_ids and label_audio_ids by name, "
+            "so it needs a mapping or upstream's HiggsAudioBatchInput (a tuple would lose the audio labels). "
+            "Pass the collator's output, or a dict of its fields"
+        )
+    if isinstance(outputs, (tuple, list)):
+        raise InputError(
+            f"the model output is a {type(outputs).__name__}, which has no field names to find logits, "
+            "expanded_labels and audio_logits by: the model was called with return_dict=False (or its config "
+            "has use_return_dict=False). Call it with return_dict=True and pass its output as it is"
+        )
+    if field(outputs, "logits") is None:
+        raise InputError(
+            "the model output has no logits: pass HiggsAudioModel's output as it is, or a mapping with its "
+            "logits, expanded_labels and audio_logits"
+        )
+    _check_text_shapes(field(outputs, "logits"), field(outputs, "expanded_labels"), field(outputs, "text_logit_positions"))
+
+
+def _check_text_shapes(logits: torch.Tensor, labels: torch.Tensor | None, positions: torch.Tensor | None) -> None:
+    if labels is None:
+        return
+    shapes = f"logits {tuple(logits.shape)} and expanded_labels {tuple(labels.shape)}"
+    if positions is not None:
+        if logits.dim() != 2 or logits.shape[0] != positions.numel():
+            raise InputError(
+                f"{shapes} with text_logit_positions {tuple(positions.shape)} do not line up: compact logits "
+                "(sparse-text-logits) have one row per listed position. Pass the logits and text_logit_positions "
+                "of the same output, as the model returned them"
+            )
+    elif logits.dim() == 2:
+        raise InputError(
+            f"{shapes} do not line up: these logits have one row per position, as sparse-text-logits makes "
+            "them, but the output has no text_logit_positions to place them. Pass the model's output as it "
+            "is, or keep its text_logit_positions with the logits"
+        )
+    elif logits.shape[:2] != labels.shape:
+        raise InputError(
+            f"{shapes} do not line up: the loss needs logits (batch, length, vocab) over the expanded sequence "
+            "and expanded_labels (batch, length) from the same forward call. Pass the model's logits as they "
+            "are: the loss shifts the labels itself, so logits shifted or sliced (logits[:, :-1]) do not "
+            "match, nor do labels from another call or batch"
+        )
+
+
+def _text_terms(outputs: Any, batch: Any, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = field(outputs, "logits")
     labels = field(outputs, "expanded_labels")
     if labels is None:
@@ -123,11 +217,15 @@ def _text_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.flatten(0, 1)
     else:  # sparse-text-logits: one row of logits per listed position of the expanded sequence
         targets = targets[positions]
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        logits, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing
+    )
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _audio_terms(
+    outputs: Any, batch: Any, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     logits = field(outputs, "audio_logits")
     labels = field(batch, "label_audio_ids")
     if labels is None or labels.numel() == 0:  # no audio-out token in the batch
@@ -142,11 +240,14 @@ def _audio_terms(outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor, 
     if labels.shape != (logits.shape[1], logits.shape[0]):
         raise ValueError(
             f"label_audio_ids has shape {tuple(labels.shape)} but audio_logits {tuple(logits.shape)} needs "
-            f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}"
+            f"(num_codebooks, num_audio_out_tokens) = {(logits.shape[1], logits.shape[0])}: pass the batch "
+            "the model was called with (its audio_out_ids make the audio logits), with label_audio_ids as the "
+            "collator made them, codebooks first"
         )
     targets = next_token_targets(labels).t()  # (tokens, codebooks)
     losses = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none",
+        label_smoothing=label_smoothing,
     ).view_as(targets)
     supervised = targets != IGNORE_INDEX
     per_codebook = losses.sum(0) / supervised.sum(0)  # NaN where a codebook has no supervised token

@@ -1,7 +1,8 @@
 """The one patching mechanism: a slot per patched attribute, holding the layers of every patch on it.
 
 A slot puts a single wrapt proxy over the original and runs the active layers (wrapt-style wrappers
-``(wrapped, instance, args, kwargs)``) around it, oldest innermost. Patches therefore stack on one
+``(wrapped, instance, args, kwargs)``) around it: a layer of higher ``order`` runs outside one of
+lower order, and among equal orders the oldest is innermost. Patches therefore stack on one
 target and can be reverted in any order; when the last layer goes, the very original object is put
 back, unless someone else has wrapped the attribute after us: then we leave their wrapper alone,
 our proxy stays beneath it as a pass-through, and we say so.
@@ -33,20 +34,28 @@ class Slot:
         self.parent, self.name, self.original = wrapt.resolve_path(module, qualname)
         self._owned = not inspect.isclass(self.parent) or self.name in vars(self.parent)
         self.layers: tuple[Layer, ...] = ()
+        self._orders: dict[int, int] = {}  # id(layer) -> order
         self.installed: object | None = None
 
-    def add(self, layer: Layer) -> None:
+    def add(self, layer: Layer, order: int = 0) -> None:
         if self.installed is None:
             installed = self._proxy()
             wrapt.apply_patch(self.parent, self.name, installed)
             self.installed = installed
-        self.layers = self.layers + (layer,)
+        self._orders[id(layer)] = order
+        position = sum(1 for item in self.layers if self._orders[id(item)] <= order)
+        self.layers = self.layers[:position] + (layer,) + self.layers[position:]
 
     def remove(self, layer: Layer) -> bool:
-        """Drop one layer; return True once this slot is gone and the original is back in place."""
+        """Drop one layer; return True once this slot is gone (the original back, or a replacement left)."""
         self.layers = tuple(item for item in self.layers if item is not layer)
+        self._orders.pop(id(layer), None)
         if self.layers or self.installed is None:
             return False
+        if self.replacement() is not None:
+            log.warning("%s was replaced after higgs_patch; leaving the replacement in place", self.path)
+            self.installed = None  # our proxy is out of use: a later apply starts afresh
+            return True
         if self._current() is not self.installed:
             log.warning(
                 "%s was wrapped by someone else after higgs_patch; leaving their wrapper in place "
@@ -60,6 +69,21 @@ class Slot:
             delattr(self.parent, self.name)
         self.installed = None
         return True
+
+    def replacement(self) -> object | None:
+        """What now stands where our proxy was put, if that no longer leads to it; else None.
+
+        Something that wraps our proxy and says so through ``__wrapped__`` (wrapt, functools.wraps)
+        still leads to it; a function assigned over it does not, whatever it calls.
+        """
+        current = self._current()
+        for _ in range(32):
+            if current is self.installed:
+                return None
+            current = getattr(current, "__wrapped__", None)
+            if current is None:
+                break
+        return self._current()
 
     def _current(self) -> object:
         if inspect.isclass(self.parent):

@@ -111,7 +111,7 @@ def probe(device: str = "cpu") -> list[ProbeResult]:
     gpu = "cuda" if device == "cuda" else "meta"
     checks: list[tuple[str, str, Callable[[], str | None]]] = [
         ("forward-kwargs-filter", "Trainer step, batch with labels", lambda: _train_step(device, with_labels=True)),
-        ("trainer-compute-loss", "Trainer step, batch without labels", lambda: _train_step(device, with_labels=False)),
+        ("model-loss", "Trainer step, batch without labels", lambda: _train_step(device, with_labels=False)),
         ("collator-audio-index", "collate a sample one audio segment short", _collate_short),
         ("collator-audio-index", "collate the same samples a second time", _collate_twice),
         (

@@ -366,7 +366,7 @@ def test_smoke_compare_subprocess_shows_what_the_patches_fix():
     failures = marked(before, "✗")
     expected = {
         "forward-kwargs-filter": "TypeError: HiggsAudioModel.forward() got an unexpected keyword argument 'labels'",
-        "trainer-compute-loss": "ValueError: The model did not return a loss",
+        "model-loss": "ValueError: The model did not return a loss",
         "device-tensor-factory": "RuntimeError:",
     }
     for patch_id, message in expected.items():

@@ -7,6 +7,7 @@ collated. Patched output on valid batches is upstream's, field by field.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 
@@ -275,3 +276,177 @@ def test_valid_whisper_batches_collate_exactly_as_upstream(overrides, assert_sam
     with higgs_patch.applied():
         got = collator(fresh(16000))
     assert_same_batch(got, expected)
+
+
+# --- what the collator is handed: every sample, or a clear refusal --------------------------------
+
+
+DEVICE = "device-tensor-factory"
+
+
+def yielding(samples, read: list):
+    """A one-shot iterator over ``samples`` that records every sample it hands out."""
+    for sample in samples:
+        read.append(sample)
+        yield sample
+
+
+@pytest.mark.parametrize("layers", [(), (PATCH,), (DEVICE,), (PATCH, DEVICE), (DEVICE, PATCH)],
+                         ids=["defaults", "audio-index", "device", "audio-index-then-device", "device-then-audio-index"])
+def test_a_generator_batch_collates_every_sample_once_where_upstream_raises(layers, assert_same_batch):
+    collator = tiny.collator()
+    with pytest.raises(ValueError, match="empty sequence"):  # upstream reads the generator up, then has nothing
+        collator(sample for sample in tiny.samples(3))
+    expected = collator(tiny.samples(3))
+    read = []
+    with contextlib.ExitStack() as stack:
+        for patch_ids in [(patch_id,) for patch_id in layers] or [()]:  # one by one: the later is the outer layer
+            stack.enter_context(higgs_patch.applied(*patch_ids))
+        got = collator(yielding(tiny.samples(3), read))
+    assert len(read) == 3  # each sample read once, none twice
+    assert_same_batch(got, expected)
+
+
+def test_an_empty_batch_is_a_clear_error_where_upstream_says_max_of_an_empty_sequence():
+    collator = tiny.collator()
+    with pytest.raises(ValueError, match="max\\(\\) arg is an empty sequence"):
+        collator([])
+    with higgs_patch.applied():
+        with pytest.raises(higgs_patch.InputError, match="empty batch.*at least one sample") as caught:
+            collator([])
+    assert isinstance(caught.value, ValueError)  # code catching upstream's ValueError keeps working
+
+
+@pytest.mark.parametrize("batch, named", [
+    (lambda: tiny.sample(), "ChatMLDatasetSample"),
+    (lambda: tiny.fields(tiny.collator()(tiny.samples(2))), "dict"),
+    (lambda: [tiny.fields(tiny.sample())], "sample 0 .* dict"),
+], ids=["one-sample", "a-collated-batch", "a-list-of-dicts"])
+def test_what_is_not_a_list_of_samples_is_refused_naming_what_it_got(batch, named):
+    with higgs_patch.applied():
+        with pytest.raises(higgs_patch.InputError, match=named):
+            tiny.collator()(batch())
+
+
+# --- strict means any mismatch ------------------------------------------------------------------
+
+
+def extra_segment(**kwargs):
+    """A valid sample whose target is supplied as two segments: three segments for two audio tokens."""
+    sample = tiny.sample(**kwargs)
+    sample.audio_ids_start = torch.cat([sample.audio_ids_start, sample.audio_ids_start[-1:] + 3])
+    return sample
+
+
+def test_strict_refuses_more_segments_than_audio_tokens_which_upstream_leaves_unread():
+    collator = tiny.collator()
+    whole = collator([tiny.sample()])
+    cut = collator([extra_segment()])  # upstream: the target's last segment is silently never read
+    assert cut.audio_out_ids.shape[1] == whole.audio_out_ids.shape[1] - (8 - 3)
+    with higgs_patch.applied(PATCH, audio_index_policy="strict"):
+        with pytest.raises(AudioIndexError, match=r"sample 1 .* 1 audio-in and 1 audio-out tokens but 3 audio segment"
+                                                  r".*one segment per audio token") as caught:
+            collator([tiny.sample(), extra_segment()])
+    assert "audio_index_policy='strict'" in str(caught.value)
+
+
+# --- what is a leak: the target's audio in its own prompt ----------------------------------------
+
+
+def out_then_in(trained: bool = True, **kwargs):
+    """``<|AUDIO_OUT|> <|AUDIO|>`` with one segment: the audio-in token comes after the target."""
+    sample = short(**kwargs)
+    ids, labels = sample.input_ids.clone(), sample.label_ids.clone()
+    first = int((ids == tiny.AUDIO_IN).nonzero()[0])
+    ids[first], ids[first + 1] = tiny.AUDIO_OUT, tiny.AUDIO_IN
+    labels[first], labels[first + 1] = (tiny.AUDIO_OUT if trained else -100), -100
+    sample.input_ids, sample.label_ids = ids, labels
+    return sample
+
+
+def in_then_untrained_out(**kwargs):
+    """The short voice-clone layout whose audio-out is marked "not trained": nothing learns from the target."""
+    return not_trained(short(**kwargs))
+
+
+def unlabelled_short(**kwargs):
+    sample = short(**kwargs)
+    sample.label_ids = None
+    return sample
+
+
+@pytest.mark.parametrize("make", [out_then_in, in_then_untrained_out, unlabelled_short],
+                         ids=["audio-in-after-the-target", "target-not-trained", "no-labels"])
+@pytest.mark.parametrize("policy", ["clamp", "clamp-always"])
+def test_a_clamp_that_puts_no_supervised_target_into_its_prompt_is_no_leak(
+    make, policy, patch_log, assert_same_batch
+):
+    collator = tiny.collator()  # returns audio-in tokens: a leak would matter
+    expected = tiny.collator()([target_as_reference(make(seed=1))]) if make is not unlabelled_short else None
+    with higgs_patch.applied(PATCH, audio_index_policy=policy):
+        got = collator([make(seed=1)])
+        counts = higgs_patch.audio_index_counts(collator)
+    if expected is not None:
+        assert_same_batch(got, expected)
+    assert counts == higgs_patch.AudioIndexCounts(clamped_samples=1, clamped_tokens=1, leaked_samples=0)
+    assert len(log_lines(patch_log, "(audio-index-clamp)")) == 1
+    assert not log_lines(patch_log, "(audio-index-leak)")
+
+
+def two_audio_in(**kwargs):
+    """``<|AUDIO|> <|AUDIO|> <|AUDIO_OUT|>`` with two segments: clamped, the second audio-in reads the target's."""
+    sample = tiny.sample(**kwargs)
+    at = int((sample.input_ids == tiny.AUDIO_IN).nonzero()[0])
+    sample.input_ids = torch.cat([sample.input_ids[:at], torch.tensor([tiny.AUDIO_IN]), sample.input_ids[at:]])
+    sample.label_ids = torch.cat([sample.label_ids[:at], torch.tensor([-100]), sample.label_ids[at:]])
+    return sample
+
+
+def test_an_audio_in_that_reads_a_later_target_is_a_leak_among_several_segments(patch_log):
+    sample = two_audio_in(seed=1)
+    collator = tiny.collator()
+    with higgs_patch.applied(PATCH):
+        with pytest.raises(AudioIndexError, match="2 audio-in and 1 audio-out.*prompt"):
+            collator([sample])
+    with higgs_patch.applied(PATCH, audio_index_policy="clamp-always"):
+        collator([sample])
+        assert higgs_patch.audio_index_counts(collator).leaked_samples == 1
+    assert len(log_lines(patch_log, "(audio-index-leak)")) == 1
+
+
+# --- segment starts ------------------------------------------------------------------------------
+
+
+def unsorted(sample):
+    sample.audio_ids_start = sample.audio_ids_start.flip(0)
+    return sample
+
+
+def test_unsorted_segment_starts_are_silently_read_as_an_empty_segment_by_upstream_and_refused_patched():
+    collator = tiny.collator()
+    batch = collator([unsorted(tiny.sample())])
+    assert batch.audio_in_ids.shape[1] == 2  # the reference read as nothing: only its bos and eos
+    for policy in POLICIES:
+        with higgs_patch.applied(PATCH, audio_index_policy=policy):
+            with pytest.raises(AudioIndexError, match=r"sample 0 .*audio_ids_start \[6, 0\].*not in ascending order"
+                                                      r".*cumulative"):
+                collator([unsorted(tiny.sample())])
+
+
+def test_unsorted_starts_are_refused_before_any_sample_of_the_batch_is_counted_or_warned_about(patch_log):
+    """A short sample (a clamp warning) and a leaking one (a leak warning) whose starts are out of order."""
+    leaking = two_audio_in(seed=1)
+    collator = tiny.collator(return_audio_in_tokens=False)
+    with higgs_patch.applied(PATCH, audio_index_policy="clamp-always"):
+        with pytest.raises(AudioIndexError, match="sample 1 .*audio_ids_start"):
+            collator([short(seed=0), unsorted(leaking)])
+        assert higgs_patch.audio_index_counts(collator) == higgs_patch.AudioIndexCounts()
+    assert not log_lines(patch_log, "(audio-index-")
+
+
+def test_unsorted_waveform_starts_are_refused_too():
+    sample = tiny.sample(waveform_rate=16000)
+    sample.audio_waveforms_start = sample.audio_waveforms_start.flip(0)
+    with higgs_patch.applied(PATCH):
+        with pytest.raises(AudioIndexError, match="sample 0 .*audio_waveforms_start"):
+            whisper_collator()([sample])

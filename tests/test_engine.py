@@ -101,7 +101,7 @@ def test_apply_twice_installs_one_layer():
     higgs_patch.apply()
     wrapper = Model.__dict__["forward"]
     assert wrapper.__wrapped__ is ORIGINALS[FORWARD]
-    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[FORWARD].layers) == 2  # forward-kwargs-filter and model-loss
     assert len(engine._slots[CALL].layers) == 2  # two different patches on the collator's __call__
 
 
@@ -123,7 +123,7 @@ def test_eight_threads_applying_at_once_install_one_layer():
         thread.join()
     assert errors == []
     assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
-    assert len(engine._slots[FORWARD].layers) == 1
+    assert len(engine._slots[FORWARD].layers) == 2  # forward-kwargs-filter and model-loss
     assert len(engine._slots[CALL].layers) == 2
 
 
@@ -198,8 +198,8 @@ def test_revert_leaves_a_later_foreign_wrapper_in_place_and_says_so(patch_log):
 
 def test_a_patch_failing_mid_apply_leaves_no_patch_of_that_call_applied():
     # Patches apply in the order named: the first two go in, then the last one's factory raises.
-    with pytest.raises(higgs_patch.PatchError, match="trainer-compute-loss"):
-        higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "trainer-compute-loss", text_loss_weight="heavy")
+    with pytest.raises(higgs_patch.PatchError, match="model-loss"):
+        higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "model-loss", text_loss_weight="heavy")
     assert all(state != "applied" for state in states().values())
     assert originals_back()
 
@@ -454,18 +454,19 @@ def test_a_patch_that_fails_while_installing_on_import_is_named_and_not_left_pen
     result = run_python(
         """
         import json, higgs_patch
-        higgs_patch.apply("trainer-compute-loss", text_loss_weight="heavy")  # its factory raises ValueError
+        higgs_patch.apply("model-loss", text_loss_weight="heavy")  # its factory raises ValueError
         try:
-            import transformers.trainer
+            import boson_multimodal.model.higgs_audio.modeling_higgs_audio
             outcome = "imported"
         except higgs_patch.PatchError as exc:
             outcome = f"{type(exc).__name__}: {exc} (cause {type(exc.__cause__).__name__})"
-        print(json.dumps({"outcome": outcome, "state": higgs_patch.status()[-1].state}))
+        states = {s.id: s.state for s in higgs_patch.status()}
+        print(json.dumps({"outcome": outcome, "state": states["model-loss"]}))
         """
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert data["outcome"].startswith("PatchError: patch 'trainer-compute-loss' failed while installing on import")
+    assert data["outcome"].startswith("PatchError: patch 'model-loss' failed while installing on import")
     assert data["outcome"].endswith("(cause ValueError)")
     assert data["state"] == "not-applied"
 

@@ -129,12 +129,12 @@ def test_a_dataclass_batch_and_a_dict_batch_give_the_same_loss(real):
     )
 
 
-def test_the_trainer_hook_returns_the_same_loss(tmp_path):
+def test_the_trainer_gets_the_same_loss_from_the_model(tmp_path):
     samples = varied_samples()
     inputs = tiny.DictCollator(tiny.collator())(samples)
     model = tiny.model()
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
-    with higgs_patch.applied("trainer-compute-loss"):
+    with higgs_patch.applied():
         loss, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True)
     assert_matches_reference(higgs_patch.higgs_audio_loss(outputs, inputs), reference_loss(outputs, inputs))
     torch.testing.assert_close(loss, reference_loss(outputs, inputs)["loss"])
@@ -224,7 +224,7 @@ def test_text_labels_without_expanded_labels_is_an_error_not_a_silent_misalignme
 
 def test_audio_labels_of_the_wrong_shape_are_an_error(real):
     batch, outputs = real
-    with pytest.raises(ValueError, match="label_audio_ids"):
+    with pytest.raises(ValueError, match=r"label_audio_ids has shape .* pass the batch the model was called with"):
         higgs_patch.higgs_audio_loss(outputs, {**batch, "label_audio_ids": batch["label_audio_ids"][:, :-1]})
 
 
@@ -252,3 +252,50 @@ def test_a_batch_without_audio_out_tokens_has_no_audio_component():
     result = higgs_patch.higgs_audio_loss(tiny.model()(**batch), batch)
     assert result.audio is None and result.text is not None
     torch.testing.assert_close(result.loss.detach(), result.text)
+
+
+# --- what the loss is handed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [tuple, list])
+def test_a_tuple_or_list_batch_is_refused_not_scored_without_its_audio(real, shape):
+    batch, outputs = real
+    with pytest.raises(higgs_patch.InputError, match=f"batch .*{shape.__name__}.*mapping.*HiggsAudioBatchInput"):
+        higgs_patch.higgs_audio_loss(outputs, shape(batch.values()))
+
+
+def test_tuple_outputs_are_refused_saying_to_return_a_dict_not_that_label_ids_are_missing(real):
+    batch, _ = real
+    with torch.no_grad():
+        outputs = tiny.model().eval()(**batch, return_dict=False)
+    assert isinstance(outputs, tuple)
+    with pytest.raises(higgs_patch.InputError, match="tuple.*return_dict=True") as caught:
+        higgs_patch.higgs_audio_loss(outputs, batch)
+    assert "label_ids" not in str(caught.value)
+
+
+def test_outputs_without_logits_are_refused_naming_the_field(real):
+    batch, outputs = real
+    with pytest.raises(higgs_patch.InputError, match="no logits"):
+        higgs_patch.higgs_audio_loss({"expanded_labels": outputs.expanded_labels}, batch)
+
+
+def compact(outputs) -> torch.Tensor:
+    """The positions sparse-text-logits keeps: those whose next token is a supervised text label."""
+    return (next_labels(outputs["expanded_labels"]).flatten() != IGNORE).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("change, cause", [
+    (lambda o: {**o, "logits": o["logits"][:, :-1]}, "shifted or sliced"),  # the habit of shifting the logits
+    (lambda o: {**o, "expanded_labels": o["expanded_labels"][:1]}, "same forward call"),
+    (lambda o: {**o, "logits": o["logits"].flatten(0, 1)[compact(o)]}, "text_logit_positions"),
+    (lambda o: {**o, "logits": o["logits"].flatten(0, 1)[compact(o)], "text_logit_positions": compact(o)[:-1]},
+     "one row per listed position"),
+], ids=["logits-shifted", "labels-of-another-batch", "compact-logits-without-positions", "compact-logits-miscounted"])
+def test_logits_and_expanded_labels_that_do_not_line_up_are_refused_naming_both_shapes(real, change, cause):
+    batch, outputs = real
+    changed = change(dict(outputs))
+    logits, labels = changed["logits"], changed["expanded_labels"]
+    with pytest.raises(higgs_patch.InputError, match=cause) as caught:
+        higgs_patch.higgs_audio_loss(changed, batch)
+    assert str(tuple(logits.shape)) in str(caught.value) and str(tuple(labels.shape)) in str(caught.value)

@@ -9,7 +9,8 @@ Cause: the collator module creates the bos/eos columns, labels and offsets with 
 
 Change: while a collator call runs, the factories read through that module's ``torch`` (named in
 the declaration) make their tensors on the device of the batch's audio codes, chosen per call; an
-explicit ``device=`` is left alone. All-CPU batches take upstream's path untouched. The module's
+explicit ``device=`` is left alone. The batch is read once and handed on as a list, so a generator
+reaches upstream whole. All-CPU batches take upstream's path untouched. The module's
 ``torch`` is a view only inside that module; every other user of torch sees nothing.
 """
 
@@ -20,6 +21,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import collator_batch
+
 _device: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("higgs_patch_collate_device", default=None)
 
 
@@ -27,12 +30,13 @@ def choose_device(original: Callable[..., Any], options: Mapping[str, Any]):
     """Layer on the collator's ``__call__``: remember the device of this batch's audio codes."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        device = _audio_device(args[0] if args else kwargs.get("batch", ()))
+        samples, args, kwargs = collator_batch(args, kwargs)
+        device = _audio_device(samples)
         if device is None or device.type == "cpu":
-            return wrapped(*args, **kwargs)
+            return wrapped(samples, *args, **kwargs)
         token = _device.set(device)
         try:
-            return wrapped(*args, **kwargs)
+            return wrapped(samples, *args, **kwargs)
         finally:
             _device.reset(token)
 

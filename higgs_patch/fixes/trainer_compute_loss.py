@@ -1,24 +1,38 @@
 """trainer-compute-loss
 
-Symptom: ``ValueError: The model did not return a loss from the inputs`` as soon as the Trainer
-trains a Higgs Audio model; hand-written fixes then train with a dummy zero loss, copy the audio
-targets (no shift), or take k times too large a step under k-step gradient accumulation.
+Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step, and
+an epoch end can make one update weigh its micro-batches 1/2, 1/2, 1/3; the Trainer's
+``label_smoothing_factor`` scores expanded logits against raw labels; the training logs show one
+number where text and audio losses move apart.
 
-Cause: ``HiggsAudioModel.forward`` returns logits and labels but ``loss=None``. And transformers
-4.46 neither divides the loss by the accumulation steps nor passes ``num_items_in_batch`` for a
-model whose forward takes no ``**loss_kwargs``: it only divides the value it logs.
+Cause: transformers 4.46 neither divides the loss by the accumulation steps nor passes
+``num_items_in_batch`` for a model whose forward takes no ``**loss_kwargs``: it only divides the
+value it logs, by k, even for a window that holds fewer micro-batches (an epoch's short last window)
+or that spans an epoch end (it steps when its running count of micro-batches reaches a multiple of
+k). Its label smoother knows nothing of Higgs Audio's expanded sequence or audio head.
 
-Change: for a model that is, under its DDP / Accelerate / PEFT wrappers, a ``HiggsAudioModel``
-returning no loss, compute :func:`higgs_patch.higgs_audio_loss`. Under accumulation over a window of
-w micro-batches (w = the accumulation steps, or fewer in an epoch's last window, read where the
-Trainer draws them) the gradient is scaled by 1 / w, so the update is that of one large batch, and
-the value by steps / w, so the Trainer's own division of the logged value by the steps gives the
-window's mean. Component losses reach the Trainer's logs at its logging steps. Every other model
-goes to the original ``compute_loss``.
+Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
+PEFT, ``torch.compile``, a user's wrapper module):
+
+- ``training_step``: the Trainer says before each micro-batch whether the optimizer steps after it
+  (``accelerator.sync_gradients``). At that micro-batch the gradient accumulated since the last
+  step is divided by the number n of micro-batches that made it, and the value returned for logging
+  is corrected so that the logged loss is their mean. Every shape of window is therefore one large
+  batch's update, whoever computes the loss (the default ``compute_loss``, a subclass reading the
+  model's loss, a subclass calling :func:`higgs_patch.higgs_audio_loss`), as long as each
+  micro-batch's loss is a mean. Not under DeepSpeed, which scales by its own accumulation steps.
+- ``compute_loss``: with ``label_smoothing_factor`` set (and no ``compute_loss_func``), the labels
+  stay in the batch and the model's own loss (model-loss) is smoothed, text and audio, the way the
+  Trainer's smoother does it. A ``compute_loss_func`` is called exactly as transformers calls it.
+- ``log``: training logs also carry ``text_loss``, ``audio_loss`` and ``audio_loss_cb*``, the mean
+  over the micro-batches since the last log of every Higgs Audio loss computed in training steps.
+
+Every other model goes to the original methods untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import weakref
@@ -26,47 +40,52 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..loss import as_kwargs, higgs_audio_loss
+from ..loss import step_losses, trainer_label_smoothing
 
 HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
 
 
-def compute_loss(original: Callable[..., Any], options: Mapping[str, Any]):
-    weights = {name: _weight(options[name]) for name in ("text_loss_weight", "audio_loss_weight")}
+def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.compute_loss``: the Trainer's label smoothing reaches the model's own loss."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        model, inputs, return_outputs, num_items_in_batch = _bind(*args, **kwargs)
-        if not _is_higgs_audio(instance, model):
+        model, inputs, return_outputs = _bind_compute_loss(*args, **kwargs)
+        smoother = getattr(instance, "label_smoother", None)
+        if smoother is None or getattr(instance, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
             return wrapped(*args, **kwargs)
-        batch = as_kwargs(inputs)
-        labels = batch.pop("labels", None)
-        if batch.get("label_ids") is None and labels is not None:
-            batch["label_ids"] = labels
-        outputs = model(**batch)
-        if outputs.get("loss") is not None:
-            loss = outputs["loss"]
-        else:
-            result = higgs_audio_loss(outputs, batch, **weights)
-            loss = result.loss
-            if model.training:
-                _pending(instance).add(result.components())
-        steps = instance.args.gradient_accumulation_steps
-        window = _windows.get(instance, steps)
-        if (steps > 1 or window > 1) and num_items_in_batch is None and model.training and torch.is_grad_enabled():
-            loss = _Scale.apply(loss, steps / window, 1.0 / window)
+        token = trainer_label_smoothing.set(float(smoother.epsilon))
+        try:
+            outputs = model(**inputs)
+        finally:
+            trainer_label_smoothing.reset(token)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        if loss is None:
+            raise ValueError(
+                "label_smoothing_factor is set but the Higgs Audio model returned no loss: apply the "
+                "model-loss patch (one of higgs_patch.apply()'s defaults) and give the batch its labels"
+            )
         return (loss, outputs) if return_outputs else loss
 
     return wrapper
 
 
-def remember_window(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``Trainer.get_batch_samples``: how many micro-batches the next update accumulates."""
+def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        batches, num_items = wrapped(*args, **kwargs)
-        if batches:
-            _windows[instance] = len(batches)
-        return batches, num_items
+        model, num_items_in_batch = _bind_training_step(*args, **kwargs)
+        if not holds_higgs_audio(model):
+            return wrapped(*args, **kwargs)
+        window = _window(instance)
+        with _recording() as losses:
+            value = wrapped(*args, **kwargs)
+        _components(instance).add_all(losses)
+        if not _corrects(instance, num_items_in_batch):
+            return value
+        window.add(value)
+        if instance.accelerator.sync_gradients:
+            value = window.close(model, instance.args.gradient_accumulation_steps, value)
+        return value
 
     return wrapper
 
@@ -77,7 +96,7 @@ def log_components(original: Callable[..., Any], options: Mapping[str, Any]):
     def wrapper(wrapped, instance, args, kwargs):
         logs = args[0] if args else kwargs.pop("logs")
         if "loss" in logs:
-            means = _pending(instance).drain()
+            means = _components(instance).drain()
             if means:
                 logs = {**logs, **means}
         return wrapped(logs, *args[1:], **kwargs)
@@ -85,36 +104,85 @@ def log_components(original: Callable[..., Any], options: Mapping[str, Any]):
     return wrapper
 
 
-def _bind(model, inputs, return_outputs=False, num_items_in_batch=None):
-    return model, inputs, return_outputs, num_items_in_batch
-
-
-def _weight(value: Any) -> float | None:
-    return None if value is False or value is None else float(value)
-
-
-def _is_higgs_audio(trainer: Any, model: Any) -> bool:
+def holds_higgs_audio(model: Any) -> bool:
+    """Whether a ``HiggsAudioModel`` is anywhere in the module tree of ``model`` (cached per model)."""
     module = sys.modules.get(HIGGS_MODULE)
-    if module is None:
+    if module is None or not isinstance(model, torch.nn.Module):
         return False
-    accelerator = getattr(trainer, "accelerator", None)
-    inner = accelerator.unwrap_model(model) if accelerator is not None else model
-    if hasattr(inner, "get_base_model"):  # PEFT
-        inner = inner.get_base_model()
-    return isinstance(inner, module.HiggsAudioModel)
+    found = _holds.get(model)
+    if found is None:
+        found = _holds[model] = any(isinstance(m, module.HiggsAudioModel) for m in model.modules())
+    return found
 
 
-class _Scale(torch.autograd.Function):
-    """Multiplies the value by ``value_scale`` and, independently, the gradient by ``grad_scale``."""
+def _corrects(trainer: Any, num_items_in_batch: Any) -> bool:
+    from accelerate.utils import DistributedType
 
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, value_scale: float, grad_scale: float) -> torch.Tensor:
-        ctx.grad_scale = grad_scale
-        return tensor.view_as(tensor) if value_scale == 1.0 else tensor * value_scale
+    return (
+        num_items_in_batch is None
+        and trainer.args.gradient_accumulation_steps > 1
+        and trainer.accelerator.distributed_type != DistributedType.DEEPSPEED
+    )
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.grad_scale, None, None
+
+def _bind_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+    return model, inputs, return_outputs
+
+
+def _bind_training_step(model, inputs, num_items_in_batch=None):
+    return model, num_items_in_batch
+
+
+@contextlib.contextmanager
+def _recording():
+    losses: list = []
+    token = step_losses.set(losses)
+    try:
+        yield losses
+    finally:
+        step_losses.reset(token)
+
+
+class _Window:
+    """The micro-batches accumulated since the optimizer last stepped, in one training run."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state  # the Trainer makes a new TrainerState for every train()
+        self.count = 0
+        self.logged: Any = 0.0  # the values returned to the Trainer for its logs, summed (on device)
+
+    def add(self, value: Any) -> None:
+        self.count += 1
+        if value is not None:
+            self.logged = self.logged + value.detach()
+
+    def close(self, model: torch.nn.Module, steps: int, value: Any) -> Any:
+        """Divide the accumulated gradient by the window's size; make the logged values their mean."""
+        count, logged = self.count, self.logged
+        self.count, self.logged = 0, 0.0
+        if count == 1 and steps == 1:
+            return value
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.div_(count)
+        if value is None:
+            return value
+        # Each value was loss / steps; the window's values must sum to its mean loss instead.
+        return value + logged * (steps / count - 1)
+
+
+def _window(trainer: Any) -> _Window:
+    with _lock:
+        window = _windows.get(trainer)
+        starts = window is None or window.state is not trainer.state
+        if starts:
+            window = _windows[trainer] = _Window(trainer.state)
+    if starts:  # a new training run: say (once) if a patched function was replaced since apply()
+        from .. import status
+
+        status()
+    return window
 
 
 class _Components:
@@ -125,11 +193,13 @@ class _Components:
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
-    def add(self, components: dict[str, float]) -> None:
-        with self._lock:
-            for name, value in components.items():
-                self._sums[name] = self._sums.get(name, 0.0) + value
-                self._counts[name] = self._counts.get(name, 0) + 1
+    def add_all(self, losses: list) -> None:
+        for result in losses:
+            components = result.components()
+            with self._lock:
+                for name, value in components.items():
+                    self._sums[name] = self._sums.get(name, 0.0) + value
+                    self._counts[name] = self._counts.get(name, 0) + 1
 
     def drain(self) -> dict[str, float]:
         with self._lock:
@@ -139,14 +209,15 @@ class _Components:
         return means
 
 
-_windows: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
-_components: "weakref.WeakKeyDictionary[Any, _Components]" = weakref.WeakKeyDictionary()
-_components_lock = threading.Lock()
+_lock = threading.Lock()
+_holds: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_windows: "weakref.WeakKeyDictionary[Any, _Window]" = weakref.WeakKeyDictionary()
+_components_by_trainer: "weakref.WeakKeyDictionary[Any, _Components]" = weakref.WeakKeyDictionary()
 
 
-def _pending(trainer: Any) -> _Components:
-    with _components_lock:
-        found = _components.get(trainer)
+def _components(trainer: Any) -> _Components:
+    with _lock:
+        found = _components_by_trainer.get(trainer)
         if found is None:
-            found = _components[trainer] = _Components()
+            found = _components_by_trainer[trainer] = _Components()
         return found
