@@ -16,8 +16,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
+
+from higgs_patch import engine
 
 CONSOLE = Path(sys.executable).with_name("higgs-patch")
+DEFAULTS = [d for d in engine.known().values() if d.default]
+COLLATOR_MODULE_VIEW = "boson_multimodal.data_collator.higgs_audio_collator:torch"
 BOSON_FIX = 'pip install --no-deps boson-multimodal==0.1.1 && pip install "higgs-patch[upstream]"'
 
 REPORT = """
@@ -76,7 +81,9 @@ def test_a_version_conflict_gives_the_pip_command_first_and_forcing_it_says_what
     assert fix < force  # the fix first
     assert "can train wrong without any error" in message
     # the others are named as still applicable, and nothing of the call is applied
-    assert "higgs_patch.apply('collator-audio-index', 'device-tensor-factory', 'forward-kwargs-filter')" in message
+    others = [d.id for d in DEFAULTS if d.requires.get("transformers", SpecifierSet()).contains("4.47.1")]
+    assert "trainer-compute-loss" not in others and len(others) >= 3
+    assert f"can still be applied by id: higgs_patch.apply({', '.join(map(repr, others))})" in message
     assert set(refused["states"].values()) == {"not-applied"} | {"incompatible"}
     forced, log = report(REPORT.format(imports="import transformers.trainer", arguments="force=True"), pythonpath=fake)
     assert forced["outcome"] == "applied" and forced["states"]["trainer-compute-loss"] == "applied"
@@ -114,12 +121,10 @@ def test_an_edited_upstream_names_the_module_view_and_the_patches_that_still_app
             "(the patch changes its view of torch, not torch), read from") in message
     assert "fix: if you edited that code, undo the edit" in message
     # the collator's __call__ is unchanged: collator-audio-index still applies, as do the model patches
-    assert ("can still be applied by id: higgs_patch.apply('collator-audio-index', 'forward-kwargs-filter', "
-            "'trainer-compute-loss')") in message
-    applied, _ = report(
-        REPORT.format(imports=imports, arguments="'collator-audio-index', 'forward-kwargs-filter', 'trainer-compute-loss'"),
-        pythonpath=edited_collator,
-    )
+    others = ", ".join(repr(d.id) for d in DEFAULTS if COLLATOR_MODULE_VIEW not in [t.path for t in d.targets])
+    assert "'collator-audio-index'" in others and "'forward-kwargs-filter'" in others
+    assert f"can still be applied by id: higgs_patch.apply({others})" in message
+    applied, _ = report(REPORT.format(imports=imports, arguments=others), pythonpath=edited_collator)
     assert applied["outcome"] == "applied"
 
 
