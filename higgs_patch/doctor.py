@@ -364,7 +364,8 @@ def _optional(facts: dict[str, Any], distribution: str, use: str) -> Check:
     facts[distribution] = {"installed": version is not None, "version": version}
     rule = _rule(distribution)
     if version and rule and not SpecifierSet(rule.works).contains(version, prereleases=True):
-        return Check(distribution, FAIL, f"{version} is outside {rule.works} (known to break {use}): {rule.reason}", rule.fix)
+        detail = f"{version} is outside {rule.works} (known to break {use}): {rule.reason}"
+        return Check(distribution, FAIL, detail, rule.fix)
     return Check(distribution, OK, version or f"not installed (optional, {use})")
 
 
@@ -377,7 +378,8 @@ def _dependency_at_fault(module: str) -> tuple[str, str] | None:
         rule = _rule(name)
         works, fix = (rule.works, rule.fix) if rule else (_upstream_requirement(name), "")
         if version and works and not SpecifierSet(works).contains(version, prereleases=True):
-            return f"{name} {version}: boson_multimodal works with {name}{SpecifierSet(works)}", fix or gate.install_fix([(name, works)])
+            why = f"{name} {version}: boson_multimodal works with {name}{SpecifierSet(works)}"
+            return why, fix or gate.install_fix([(name, works)])
     return None
 
 
@@ -446,7 +448,7 @@ def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
         if isinstance(exc, ModuleNotFoundError) and culprit and culprit != UPSTREAM:
             fix = f"install {exc.name!r}, which boson_multimodal imports: pip install \"higgs-patch[upstream]\""
         else:
-            fix = f"repair or reinstall it: {install.replace('pip install --no-deps', 'pip install --force-reinstall --no-deps', 1)}"
+            fix = f"reinstall it: pip uninstall -y {UPSTREAM_DISTRIBUTION} && {install}"
         return Check(UPSTREAM, FAIL, detail, fix)
     package = sys.modules.get(UPSTREAM)
     if package is None:  # no patch targets it: nothing to check
@@ -473,12 +475,13 @@ def _startup_hook(facts: dict[str, Any]) -> Check:
         try:
             startup.decode(value)
         except ValueError as exc:
-            return Check("start-up hook", FAIL, f"{environment.ACTIVATE} is malformed: {exc}", f"unset {environment.ACTIVATE}")
+            detail = f"{environment.ACTIVATE} is malformed: {exc}"
+            return Check("start-up hook", FAIL, detail, f"unset {environment.ACTIVATE}")
     if hook.active:
         return Check("start-up hook", OK, hook.detail)
     return Check(
         "start-up hook", WARN, f"{hook.detail}; apply() still patches this process, and forked workers inherit it",
-        "reinstall the plugin (pip install . or, with setuptools >= 64, pip install -e .), "
+        "reinstall the plugin (pip install . or pip install -e .), "
         "or call higgs_patch.apply() in every script a launcher starts",
     )
 
@@ -533,8 +536,8 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
     elif forced:
         checks.append(Check(
             "would apply", WARN,
-            f"yes, forced by {environment.FORCE}=1 over: {'; '.join(blocking)}; forcing is not a fix: it can train wrong "
-            "without any error",
+            f"yes, forced by {environment.FORCE}=1 over: {'; '.join(blocking)}; "
+            "forcing is not a fix: it can train wrong without any error",
         ))
     else:
         checks.append(Check("would apply", severity, "no: see the failed check(s) above"))

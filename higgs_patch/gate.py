@@ -184,11 +184,11 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
 def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:
     """The distributions in conflict that nothing can force: not installed, and no code of theirs that the
     declaration targets can be imported without metadata (as a checkout on PYTHONPATH can)."""
-    tops = {t.module.split(".")[0] for t in declaration.targets}
+    tops = {canonicalize_name(t.module.split(".")[0]): t.module.split(".")[0] for t in declaration.targets}
     return [
         c.distribution for c in found
-        if c.found is None and not any(
-            canonicalize_name(top) == canonicalize_name(c.distribution) and importlib.util.find_spec(top) for top in tops
+        if c.found is None and not (
+            canonicalize_name(c.distribution) in tops and importlib.util.find_spec(tops[canonicalize_name(c.distribution)])
         )
     ]
 

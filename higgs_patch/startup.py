@@ -127,8 +127,8 @@ def exec_with_patches(command: list[str], ids: tuple[str, ...], options: dict[st
     hook = find_hook()
     if not hook.active:
         raise PatchError(
-            f"the processes it starts cannot be patched: {hook.detail}. Reinstall the plugin (pip install ., "
-            "or pip install -e . with setuptools >= 64), or call higgs_patch.apply() in your script instead"
+            f"higgs-patch run cannot patch the processes it starts: {hook.detail}. Reinstall the plugin (pip install . "
+            "or pip install -e .), or call higgs_patch.apply() in your script instead"
         )
     engine.apply(*ids, force=force, **options)
     os.execvp(command[0], command)

@@ -91,7 +91,8 @@ def hookless_python(tmp_path_factory) -> Path:
 def test_run_refuses_when_its_children_cannot_be_patched_and_doctor_says_so(hookless_python):
     refused = run([str(hookless_python), "-m", "higgs_patch.cli", "run", "--", str(hookless_python), "-c", "pass"])
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "cannot be patched: no higgs_patch.pth in" in refused.stderr and "pip install -e ." in refused.stderr
+    assert "cannot patch the processes it starts: no higgs_patch.pth in" in refused.stderr
+    assert "pip install -e ." in refused.stderr
     done = run([str(hookless_python), "-m", "higgs_patch.cli", "doctor", "--json"])
     report = json.loads(done.stdout)
     hook = next(c for c in report["checks"] if c["name"] == "start-up hook")
@@ -146,3 +147,10 @@ def test_the_source_tree_of_a_clone_is_importable_from_its_root():
     where, states = last_json(run([sys.executable, "-c", code], cwd=ROOT, drop=("PYTHONSAFEPATH",)))
     assert Path(where).resolve() == ROOT / "higgs_patch" / "__init__.py"
     assert states["forward-kwargs-filter"] == "pending" and states["sparse-text-logits"] == "not-applied"
+
+
+def test_doctor_fails_on_a_malformed_activate_value_naming_it():
+    done = run([str(CONSOLE), "doctor", "--json"], env={ACTIVATE: '{"patches": {}, "force": "no"}'})
+    hook = next(c for c in json.loads(done.stdout)["checks"] if c["name"] == "start-up hook")
+    assert done.returncode == 1 and hook["level"] == "fail"
+    assert hook["detail"].startswith(f"{ACTIVATE} is malformed: \"force\" must be JSON true or false") and ACTIVATE in hook["fix"]
