@@ -17,8 +17,6 @@ from . import sourcetree
 from .engine import PatchStatus, apply, revert, status
 from .errors import AudioIndexError, DeclarationError, IncompatibleUpstreamError, InputError, PatchError
 
-sourcetree.map_data_packages(__name__)
-
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
     from .loss import HiggsAudioLoss, higgs_audio_loss
@@ -72,3 +70,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'higgs_patch' has no attribute {name!r}")
+
+
+sourcetree.map_data_packages(__name__)  # run from a clone: patches/ and compat/ as the wheel maps them

@@ -64,7 +64,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from . import __version__, engine, environment, gate, provenance, startup, upstream
+from . import __version__, engine, environment, gate, install_advice, provenance, startup, upstream
 from .declarations import Declaration, Target
 from .errors import PatchError
 
@@ -192,7 +192,8 @@ def _unreadable_data() -> list[Check]:
     for name, load in (
         ("patches/*.toml", engine.known),
         ("compat/fingerprints.toml", upstream.knowledge),
-        ("compat/matrix.toml", lambda: (upstream.known_bad(), upstream.install_commands())),
+        ("compat/matrix.toml", upstream.known_bad),
+        (install_advice.SOURCE, install_advice.install_commands),
     ):
         try:
             load()
@@ -379,7 +380,7 @@ def _dependency_at_fault(module: str) -> tuple[str, str] | None:
         works, fix = (rule.works, rule.fix) if rule else (_upstream_requirement(name), "")
         if version and works and not SpecifierSet(works).contains(version, prereleases=True):
             why = f"{name} {version}: boson_multimodal works with {name}{SpecifierSet(works)}"
-            return why, fix or gate.install_fix([(name, works)])
+            return why, fix or install_advice.install_fix([(name, works)])
     return None
 
 
@@ -433,7 +434,7 @@ def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
     }
     facts[UPSTREAM] = info
     failures = [(n, m) for n, m in imported.items() if n.split(".")[0] == UPSTREAM and isinstance(m, BaseException)]
-    install = gate.install_fix([(UPSTREAM_DISTRIBUTION, "")])
+    install = install_advice.install_fix([(UPSTREAM_DISTRIBUTION, "")])
     if failures:
         name, exc = failures[0]
         info["error"] = one_line(exc)
@@ -552,7 +553,7 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
 
 
 def _requirement_fix(declaration: Declaration) -> str:
-    return gate.install_fix((c.distribution, c.requested) for c in gate.conflicts(declaration))
+    return install_advice.install_fix((c.distribution, c.requested) for c in gate.conflicts(declaration))
 
 
 def _code_check(check: gate.CodeCheck, severity: str) -> Check:

@@ -22,6 +22,7 @@ import wrapt
 from packaging.utils import canonicalize_name
 
 from . import environment, fingerprint, upstream
+from .install_advice import install_fix
 from .declarations import Declaration, Target
 from .errors import IncompatibleUpstreamError
 
@@ -117,19 +118,6 @@ def code_checks(declaration: Declaration) -> list[CodeCheck]:
             found = fingerprint.of_file(path, qualname)
             checks.append(CodeCheck(target.path, path, qualname, found, knowledge.known(target.path)))
     return checks
-
-
-def install_fix(requirements: Iterable[tuple[str, str]]) -> str:
-    """The pip command(s) that install ``(distribution, specifier)`` pairs, as compat/matrix.toml advises."""
-    recipes = {canonicalize_name(name): command for name, command in upstream.install_commands().items()}
-    plain, special = [], []
-    for name, spec in requirements:
-        recipe = recipes.get(canonicalize_name(name))
-        if recipe:
-            special.append(recipe)
-        else:
-            plain.append(f'"{name}{spec}"')
-    return " && ".join(([f"pip install {' '.join(plain)}"] if plain else []) + list(dict.fromkeys(special)))
 
 
 def require_stack(declaration: Declaration, force: bool) -> list[str]:

@@ -62,12 +62,6 @@ def known_bad() -> tuple[KnownBad, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def install_commands() -> dict[str, str]:
-    """compat/matrix.toml's ``[install]``: the command for a distribution that plain ``pip install`` gets wrong."""
-    return dict(_read("matrix.toml").get("install", {}))
-
-
-@functools.lru_cache(maxsize=1)
 def knowledge() -> Knowledge:
     data = _read("fingerprints.toml")
     releases = tuple(

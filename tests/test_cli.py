@@ -403,6 +403,7 @@ def plugin_copy(tmp_path) -> Path:
 @pytest.mark.parametrize("broken, content", [
     ("patches/forward-kwargs-filter.toml", "id = [unclosed\n"),
     ("compat/matrix.toml", "[[known-bad]]\ndistribution = 'peft'\n"),  # valid TOML, fields missing
+    ("compat/install.toml", "boson-multimodal = 3\n"),
     ("compat/fingerprints.toml", "release = 3\n"),
 ])
 def test_doctor_json_and_list_stay_valid_when_the_plugins_own_data_is_malformed(plugin_copy, broken, content):
