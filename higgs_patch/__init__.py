@@ -13,6 +13,7 @@ import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
+from . import sourcetree
 from .engine import PatchStatus, apply, revert, status
 from .errors import (
     AudioIndexError,
@@ -79,3 +80,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'higgs_patch' has no attribute {name!r}")
+
+
+sourcetree.map_data_packages(__name__)  # run from a clone: patches/ and compat/ as the wheel maps them

@@ -11,12 +11,12 @@ import json
 import logging
 import math
 import sys
-import traceback
 from typing import Any
 
 import click
 
 from . import __version__, engine
+from .errors import PatchError
 
 log = logging.getLogger("higgs_patch")
 
@@ -63,7 +63,14 @@ def main(verbose: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema 1).")
 def list_patches(as_json: bool) -> None:
     """Every known patch: id, version, default on/off, summary, targets."""
-    declarations = list(engine.known().values())
+    try:
+        declarations = list(engine.known().values())
+    except Exception as exc:  # a malformed declaration: named, exit 1, valid JSON with --json
+        message = str(exc) if isinstance(exc, PatchError) else f"patches/*.toml: {type(exc).__name__}: {exc}"
+        if as_json:
+            click.echo(json.dumps({"schema": 1, "patches": [], "error": message}, indent=2))
+            sys.exit(1)
+        raise click.ClickException(f"cannot read the patch declarations: {message}") from None
     if as_json:
         patches = [
             {"id": d.id, "version": str(d.version), "default": d.default, "summary": d.summary,
@@ -115,7 +122,6 @@ def smoke(steps: int, device: str, compare: bool) -> None:
     import transformers
 
     from . import smoke as job
-    from .doctor import one_line
 
     transformers.logging.set_verbosity_error()
     marks = _marks()
@@ -135,15 +141,16 @@ def smoke(steps: int, device: str, compare: bool) -> None:
         except RuntimeError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo("With the patches:")
-        ok &= _show_probes(job.patched_probe(device), marks, unpatched=False)
+        try:
+            ok &= _show_probes(job.patched_probe(device), marks, unpatched=False)
+        except PatchError as exc:
+            _smoke_failed("applying the patches", exc)
         click.echo("")
     click.echo(f"Training the tiny model {steps} steps on {device} with the patches applied:")
     try:
         result = job.train(steps, device)
-    except Exception as exc:
-        traceback.print_exc()
-        click.echo(f"smoke: FAILED: training raised {one_line(exc, limit=180)}")
-        sys.exit(1)
+    except Exception as exc:  # the verdict names it; the traceback is in the log (higgs-patch -v smoke)
+        _smoke_failed("training", exc)
     click.echo(_curve(result))
     ok &= result.ok
     for problem in result.problems:
@@ -153,6 +160,16 @@ def smoke(steps: int, device: str, compare: bool) -> None:
         verdict = "FAILED: a patched probe still fails (above)"
     click.echo(f"smoke: {verdict} ({result.steps} steps in {result.seconds:.1f} s on {result.device})")
     sys.exit(0 if ok else 1)
+
+
+def _smoke_failed(step: str, exc: BaseException) -> None:
+    """A one-line verdict; the traceback goes to the log (``higgs-patch -v smoke``)."""
+    from .doctor import one_line
+
+    log.info("smoke: %s raised", step, exc_info=exc)
+    click.echo(f"smoke: FAILED: {step} raised {one_line(exc, limit=240)}")
+    click.echo("  higgs-patch doctor says what is wrong and the fix; higgs-patch -v smoke shows the traceback")
+    sys.exit(1)
 
 
 @main.command()
@@ -168,7 +185,6 @@ def learnability() -> None:
     import transformers
 
     from . import learnability as check
-    from .errors import PatchError
 
     transformers.logging.set_verbosity_error()
     click.echo(
@@ -255,7 +271,6 @@ def run(ids: tuple[str, ...], options: dict[str, Any], force: bool, command: tup
     For scripts you do not edit, torchrun included: higgs-patch run -- torchrun --nproc_per_node=2 train.py
     """
     from . import startup
-    from .errors import PatchError
 
     try:
         startup.exec_with_patches(list(command), ids, options, force)

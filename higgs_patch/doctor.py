@@ -26,10 +26,13 @@ retyped key raises ``schema``.
     and ``version`` (str or null), and: torch ``cuda`` ``{available, device_count, version}`` and
     ``mps`` ``{available}``; torchaudio ``wav_roundtrip`` (bool or null when not tried); wrapt
     ``c_extension`` (bool); boson_multimodal ``importable``, ``error``, ``location``, ``editable``,
-    ``url``, ``commit``, ``checkout`` (the git work tree it was imported from; null when unknown).
+    ``url``, ``commit``, ``checkout`` (the git work tree it was imported from; null when unknown);
+    ``startup_hook`` ``{path, active}`` (``higgs_patch.pth``; path null when not installed).
 ``checks``
     the stack checks: a list of ``{"name", "level", "detail", "fix"}``; ``level`` is ``"ok"``,
-    ``"warn"`` or ``"fail"``; ``fix`` is "" when there is nothing to do.
+    ``"warn"`` or ``"fail"``; ``fix`` is "" when there is nothing to do (an ``ok`` check may carry
+    advice). When the plugin's own data (``patches/*.toml``, ``compat/*.toml``) cannot be read, a
+    failed check names the file, and ``patches`` is empty.
 ``patches``
     one object per known patch: ``id``, ``version``, ``default`` (bool), ``summary``, ``targets``
     (list of ``module:qualname``), ``state`` (in this process: ``applied``, ``pending``,
@@ -46,6 +49,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -60,7 +64,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from . import __version__, engine, environment, gate, provenance, upstream
+from . import __version__, engine, environment, gate, install_advice, provenance, startup, upstream
 from .declarations import Declaration, Target
 from .errors import PatchError
 
@@ -68,7 +72,7 @@ SCHEMA = 1
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 UPSTREAM = "boson_multimodal"
-UPSTREAM_INSTALL = "pip install --no-deps boson-multimodal==0.1.1 && pip install 'higgs-patch[upstream]'"
+UPSTREAM_DISTRIBUTION = "boson-multimodal"
 
 
 @dataclass(frozen=True)
@@ -156,13 +160,16 @@ class Report:
 
 def run() -> Report:
     """Import the stack and every patch's module, check them, dry-run the patches; change nothing."""
+    facts: dict[str, Any] = {}
+    unreadable = _unreadable_data()
+    if unreadable:  # every other check reads this data: report the file, check nothing else
+        return Report(facts, [_python(facts), _platform(facts), *unreadable], [])
     declarations = list(engine.known().values())
     started = time.perf_counter()
     imported = _import_all(["torch", "transformers", *(m for d in declarations for m in d.modules)])
     import_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    facts: dict[str, Any] = {}
     stack = [
         _python(facts),
         _platform(facts),
@@ -173,9 +180,27 @@ def run() -> Report:
         _optional(facts, "peft", "for LoRA"),
         _wrapt(facts),
         _upstream(facts, imported),
+        _startup_hook(facts),
     ]
     patches = [_patch(d, imported) for d in declarations]
     return Report(facts, stack, patches, import_seconds, time.perf_counter() - started)
+
+
+def _unreadable_data() -> list[Check]:
+    """A failed check for each of the plugin's data files that cannot be read (named, never a traceback)."""
+    failed = []
+    for name, load in (
+        ("patches/*.toml", engine.known),
+        ("compat/fingerprints.toml", upstream.knowledge),
+        ("compat/matrix.toml", upstream.known_bad),
+        (install_advice.SOURCE, install_advice.install_commands),
+    ):
+        try:
+            load()
+        except Exception as exc:  # reported as a failed check naming the file
+            message = str(exc) if isinstance(exc, PatchError) else f"{name}: {one_line(exc)}"
+            failed.append(Check("plugin data", FAIL, message, "fix or restore the file (reinstall higgs-patch)"))
+    return failed
 
 
 def _import_all(names: list[str]) -> dict[str, ModuleType | BaseException]:
@@ -281,14 +306,30 @@ def _torchaudio(facts: dict[str, Any]) -> Check:
             waveform, rate = torchaudio.load(path)
         if rate != 16000 or tuple(waveform.shape) != (1, 1600):
             raise RuntimeError(f"read back {tuple(waveform.shape)} at {rate} Hz, wrote (1, 1600) at 16000 Hz")
-    except Exception as exc:
+    except Exception as exc:  # reported: nothing here needs torchaudio, so it informs and never fails
         facts["torchaudio"]["wav_roundtrip"] = False
         return Check(
-            "torchaudio", WARN, f"{version} cannot save and load a WAV file: {one_line(exc)}",
-            "pip install torchcodec (torchaudio >= 2.9 reads and writes audio files through it)",
+            "torchaudio", OK, f"{version} cannot save and load a WAV file (nothing in higgs-patch or the patched "
+            f"code uses torchaudio): {_audio_io_cause(exc)}", _AUDIO_IO_FIX.format(torch=torch_version),
         )
     facts["torchaudio"]["wav_roundtrip"] = True
     return Check("torchaudio", OK, f"{version}; saves and loads a WAV file")
+
+
+_AUDIO_IO_FIX = (
+    "only if your own code reads audio with torchaudio: torchaudio >= 2.9 does file I/O through torchcodec, "
+    "which needs FFmpeg's shared libraries (e.g. apt install ffmpeg, or conda install ffmpeg) and the torchcodec "
+    "release built for torch {torch} (see torchcodec's compatibility table; the newest one may need CUDA "
+    "libraries a CPU machine lacks); or read audio with librosa or soundfile instead"
+)
+
+
+def _audio_io_cause(exc: BaseException) -> str:
+    """The first line of the error, and every shared library it says could not be loaded (torchcodec
+    lists them far down a long message)."""
+    libraries = dict.fromkeys(re.findall(r"([\w.+-]+): cannot open shared object file", str(exc)))
+    missing = f"; shared libraries not found: {', '.join(libraries)}" if libraries else ""
+    return one_line(exc) + missing
 
 
 def _torch_requirement() -> SpecifierSet | None:
@@ -324,8 +365,34 @@ def _optional(facts: dict[str, Any], distribution: str, use: str) -> Check:
     facts[distribution] = {"installed": version is not None, "version": version}
     rule = _rule(distribution)
     if version and rule and not SpecifierSet(rule.works).contains(version, prereleases=True):
-        return Check(distribution, WARN, f"{version} is outside {rule.works}: {rule.reason}", rule.fix)
+        detail = f"{version} is outside {rule.works} (known to break {use}): {rule.reason}"
+        return Check(distribution, FAIL, detail, rule.fix)
     return Check(distribution, OK, version or f"not installed (optional, {use})")
+
+
+def _dependency_at_fault(module: str) -> tuple[str, str] | None:
+    """(why, fix) when an import boson_multimodal makes fails because the distribution providing
+    ``module`` is a version it does not work with (compat/matrix.toml, else its own requirements)."""
+    names = importlib.metadata.packages_distributions().get(module, [module]) if module else []
+    for name in names:
+        version = _version(name)
+        rule = _rule(name)
+        works, fix = (rule.works, rule.fix) if rule else (_upstream_requirement(name), "")
+        if version and works and not SpecifierSet(works).contains(version, prereleases=True):
+            why = f"{name} {version}: boson_multimodal works with {name}{SpecifierSet(works)}"
+            return why, fix or install_advice.install_fix([(name, works)])
+    return None
+
+
+def _upstream_requirement(distribution: str) -> str:
+    """boson-multimodal's own requirement on ``distribution``, "" when it has none."""
+    if _version(UPSTREAM_DISTRIBUTION) is None:
+        return ""
+    for line in importlib.metadata.requires(UPSTREAM_DISTRIBUTION) or ():
+        requirement = Requirement(line)
+        if canonicalize_name(requirement.name) == canonicalize_name(distribution) and requirement.marker is None:
+            return str(requirement.specifier)
+    return ""
 
 
 def _rule(distribution: str) -> upstream.KnownBad | None:
@@ -367,17 +434,22 @@ def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
     }
     facts[UPSTREAM] = info
     failures = [(n, m) for n, m in imported.items() if n.split(".")[0] == UPSTREAM and isinstance(m, BaseException)]
+    install = install_advice.install_fix([(UPSTREAM_DISTRIBUTION, "")])
     if failures:
         name, exc = failures[0]
         info["error"] = one_line(exc)
-        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] == UPSTREAM and version is None:
-            return Check(UPSTREAM, FAIL, "not installed", UPSTREAM_INSTALL)
-        if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != UPSTREAM:
-            fix = f"install {exc.name!r}, which boson_multimodal imports: pip install 'higgs-patch[upstream]'"
-        else:
-            fix = f"repair or reinstall it: {UPSTREAM_INSTALL}"
+        culprit = (getattr(exc, "name", None) or "").split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and culprit == UPSTREAM and version is None:
+            return Check(UPSTREAM, FAIL, "not installed", install)
         installed = f"{version} is installed but " if version else ""
         detail = f"{installed}{name} cannot be imported: {one_line(exc)} (raised at {_raised_at(exc)})"
+        blamed = _dependency_at_fault(culprit) if isinstance(exc, ImportError) and culprit != UPSTREAM else None
+        if blamed:
+            return Check(UPSTREAM, FAIL, f"{detail}; the cause is {blamed[0]}", blamed[1])
+        if isinstance(exc, ModuleNotFoundError) and culprit and culprit != UPSTREAM:
+            fix = f"install {exc.name!r}, which boson_multimodal imports: pip install \"higgs-patch[upstream]\""
+        else:
+            fix = f"reinstall it: pip uninstall -y {UPSTREAM_DISTRIBUTION} && {install}"
         return Check(UPSTREAM, FAIL, detail, fix)
     package = sys.modules.get(UPSTREAM)
     if package is None:  # no patch targets it: nothing to check
@@ -393,6 +465,26 @@ def _upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
             "check PYTHONPATH and the working directory: they put another copy first",
         )
     return Check(UPSTREAM, OK, f"{where} ({origin})")
+
+
+def _startup_hook(facts: dict[str, Any]) -> Check:
+    """Whether child processes (spawned workers, launcher ranks, ``higgs-patch run``) can be patched."""
+    hook = startup.find_hook()
+    facts["startup_hook"] = {"path": hook.path, "active": hook.active}
+    value = os.environ.get(environment.ACTIVATE)
+    if value:
+        try:
+            startup.decode(value)
+        except ValueError as exc:
+            detail = f"{environment.ACTIVATE} is malformed: {exc}"
+            return Check("start-up hook", FAIL, detail, f"unset {environment.ACTIVATE}")
+    if hook.active:
+        return Check("start-up hook", OK, hook.detail)
+    return Check(
+        "start-up hook", WARN, f"{hook.detail}; apply() still patches this process, and forked workers inherit it",
+        "reinstall the plugin (pip install . or pip install -e .), "
+        "or call higgs_patch.apply() in every script a launcher starts",
+    )
 
 
 # --- the patches ---------------------------------------------------------------------------------
@@ -443,7 +535,11 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
     if compatible:
         checks.append(Check("would apply", OK, "yes"))
     elif forced:
-        checks.append(Check("would apply", WARN, f"yes, forced by {environment.FORCE}=1 over: " + "; ".join(blocking)))
+        checks.append(Check(
+            "would apply", WARN,
+            f"yes, forced by {environment.FORCE}=1 over: {'; '.join(blocking)}; "
+            "forcing is not a fix: it can train wrong without any error",
+        ))
     else:
         checks.append(Check("would apply", severity, "no: see the failed check(s) above"))
     in_use = WARN if status.state == "bypassed" else OK  # applied, but the target was replaced since
@@ -457,17 +553,15 @@ def _patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
 
 
 def _requirement_fix(declaration: Declaration) -> str:
-    specs = " ".join(f'"{name}{spec}"' for name, spec in declaration.requires.items())
-    return f"pip install {specs}" if specs else ""
+    return install_advice.install_fix((c.distribution, c.requested) for c in gate.conflicts(declaration))
 
 
 def _code_check(check: gate.CodeCheck, severity: str) -> Check:
-    target = check.target.partition(":")[2]
     if check.matches:
-        return Check("fingerprint", OK, f"{target} {check.found} matches {', '.join(check.releases)}")
+        return Check("fingerprint", OK, f"{check.label} {check.found} matches {', '.join(check.releases)}")
     return Check(
         "fingerprint", severity,
-        f"{target} {check.found} matches no known release: its code in {check.file} was changed",
+        f"{check.label} {check.found} matches no known release: {check.file} was changed",
         "if you edited it, undo the edit; if it is a new upstream release, run `higgs-patch fingerprint`, test, "
         f"and add it to compat/fingerprints.toml; {environment.FORCE}=1 patches it anyway, at your own risk",
     )
@@ -542,8 +636,8 @@ def render(report: Report, strict: bool = False, symbols: dict[str, str] | None 
             lines.append(row)
             continue
         lines.append(f"{indent}{marks[row.level]} {row.name.ljust(width)}  {row.detail}")
-        if row.fix and row.level != OK:
-            lines.append(f"{indent}  {' ' * width}  fix: {row.fix}")
+        if row.fix:
+            lines.append(f"{indent}  {' ' * width}  {'fix' if row.level != OK else 'advice'}: {row.fix}")
     counts = report.counts()
     problems = counts[FAIL] + (counts[WARN] if strict else 0)
     verdict = "all good" if not problems else f"{problems} problem{'s' * (problems != 1)} found"

@@ -105,6 +105,8 @@ def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, 
             except Exception as exc:
                 for patch_id in reversed(done):
                     _revert_one(patch_id)
+                if isinstance(exc, IncompatibleUpstreamError):
+                    _name_the_others(exc, [d for d in selected if d.id != declaration.id])
                 if isinstance(exc, PatchError):
                     raise
                 raise PatchError(
@@ -158,7 +160,7 @@ def _split_options(selected: list[Declaration], options: dict[str, Any]) -> dict
         )
     for name, value in options.items():
         owner[name].options[name].check(value, owner[name].id)
-    return {d.id: {**d.defaults, **{k: v for k, v in options.items() if owner[k] is d}} for d in selected}
+    return {d.id: {k: v for k, v in options.items() if owner[k] is d} for d in selected}
 
 
 # --- modules: imported, not imported, or being imported -----------------------------------------------
@@ -235,19 +237,25 @@ def _load_factories(selected) -> None:
 # --- one patch ------------------------------------------------------------------------------------------
 
 
-def _request(declaration: Declaration, options: dict[str, Any], force: bool, modules: Mapping[str, ModuleType | None]) -> bool:
-    """Apply one patch now or when its modules are imported; False if it already was."""
+def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modules: Mapping[str, ModuleType | None]) -> bool:
+    """Apply one patch now or when its modules are imported; False if it already was.
+
+    Options not ``chosen`` take the declared defaults, or keep the values an applied patch runs with:
+    ``apply()`` in a child that inherited ``higgs-patch run --option ...`` keeps that choice.
+    """
     record = _records.setdefault(declaration.id, _Record())
     if record.state in ("applied", "pending"):
-        if record.options != options:
+        changed = {name: value for name, value in chosen.items() if record.options.get(name) != value}
+        if changed:
             raise PatchError(
                 f"patch {declaration.id!r} is already {record.state} with options {record.options}; "
-                f"revert it before applying it with {options}"
+                f"revert it before applying it with {changed}"
             )
         log.debug("patch %s is already %s; nothing to do", declaration.id, record.state)
         return False
     _unblock(declaration.id, record)
     own = {name: modules[name] for name in declaration.modules}
+    options = {**declaration.defaults, **chosen}
     try:
         warnings = gate.require_stack(declaration, force) + gate.require_known_code(declaration, force, own)
     except PatchError as exc:
@@ -410,6 +418,14 @@ def _bypass(patch_id: str, record: _Record) -> str:
             log.warning("(patch-bypassed) patch %s: %s", patch_id, reason)
         return reason
     return ""
+
+
+def _name_the_others(exc: IncompatibleUpstreamError, others: list[Declaration]) -> None:
+    """Add to a refusal the patches of the same call that the gate would still apply, by id."""
+    applicable = gate.still_applicable(others)
+    if applicable:
+        ids = ", ".join(repr(patch_id) for patch_id in applicable)
+        exc.args = (f"{exc}\nthe other patches of this call can still be applied by id: higgs_patch.apply({ids})",)
 
 
 def _forget_reloaded() -> bool:

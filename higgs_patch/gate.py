@@ -2,26 +2,38 @@
 
 Two checks, both pure reads: the installed distributions against the declaration's PEP 440
 requirements, and the AST fingerprint of every fingerprinted target against ``compat/``. A missing
-distribution is a conflict, not a pass. Unknown code is refused unless forced.
+distribution is a conflict, not a pass. A refusal says the fix first (the pip command), then what
+forcing would risk; force is offered only where it can help (nothing forces a package into being).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
+import logging
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import wrapt
+from packaging.utils import canonicalize_name
 
 from . import environment, fingerprint, upstream
+from .install_advice import install_fix
 from .declarations import Declaration, Target
 from .errors import IncompatibleUpstreamError
 
-OVERRIDE_HINT = f"pass force=True to apply(), or set {environment.FORCE}=1, to patch it anyway"
+log = logging.getLogger("higgs_patch")
+
+FORCE_HOW = f"force=True to apply(), or {environment.FORCE}=1"
+VERSION_RISK = (
+    "it was written and tested for the versions it requires; on others it can train wrong without any error "
+    "(a loss or gradient off by a factor)"
+)
+CODE_RISK = "it was written for the code of the known releases; on other code it can train wrong without any error"
 
 
 @dataclass(frozen=True)
@@ -55,11 +67,20 @@ class CodeCheck:
     def releases(self) -> list[str]:
         return self.known.get(self.found, [])
 
+    @property
+    def label(self) -> str:
+        """What was fingerprinted: a function, or (for a module target) the module that reads the name."""
+        module, _, name = self.target.partition(":")
+        if self.qualname is not None:
+            return name
+        return f"the module {module} as a whole (the patch changes its view of {name}, not {name})"
+
     def __str__(self) -> str:
         if self.matches:
             return f"{self.target}: {self.found} (matches {', '.join(self.releases)})"
         known = ", ".join(f"{fp} ({', '.join(names)})" for fp, names in self.known.items()) or "none"
-        return f"{self.target} read from {self.file}: fingerprint {self.found} is unknown; known: {known}"
+        what = self.target if self.qualname is not None else f"{self.target}, {self.label},"
+        return f"{what} read from {self.file}: fingerprint {self.found} is unknown; known: {known}"
 
 
 def conflicts(declaration: Declaration) -> list[Conflict]:
@@ -122,9 +143,22 @@ def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | Non
 
 
 def require_stack(declaration: Declaration, force: bool) -> list[str]:
-    """Raise unless the stack meets the declaration; return the warnings a forced pass carries."""
-    problems = [str(conflict) for conflict in conflicts(declaration)]
-    return _verdict(declaration, "the installed stack does not meet its requirements", problems, force)
+    """Raise unless the stack meets the declaration; return the warnings a forced pass carries.
+
+    A distribution that is not installed and whose code cannot be imported either cannot be forced.
+    """
+    found = conflicts(declaration)
+    if not found:
+        return []
+    problems = [str(conflict) for conflict in found]
+    fix = f"fix: {install_fix((c.distribution, c.requested) for c in found)}"
+    absent = not_there(declaration, found)
+    what = "the installed stack does not meet its requirements"
+    if absent:
+        missing = f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed: there is nothing to patch"
+        advice = f"{fix}\nforcing ({FORCE_HOW}) cannot help: {missing}"
+        raise IncompatibleUpstreamError(_message(declaration, "refused", what, problems, advice))
+    return _verdict(declaration, what, problems, fix, VERSION_RISK, force)
 
 
 def require_known_code(
@@ -137,13 +171,50 @@ def require_known_code(
     except (OSError, LookupError, SyntaxError, ValueError, AttributeError, ImportError) as exc:
         # no source file, a target gone, unparsable code: unknown code, refused like any other
         problems = [f"cannot fingerprint its targets: {type(exc).__name__}: {exc}"]
-    return _verdict(declaration, "its target code is not a known upstream release", problems, force)
+    fix = (
+        "fix: if you edited that code, undo the edit (or reinstall it); if it is a new upstream release, "
+        "`higgs-patch fingerprint` prints what compat/fingerprints.toml needs once the tests pass on it"
+    )
+    return _verdict(declaration, "its target code is not a known upstream release", problems, fix, CODE_RISK, force)
 
 
-def _verdict(declaration: Declaration, what: str, problems: list[str], force: bool) -> list[str]:
+def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
+    """The ids among ``declarations`` that pass both checks now (code not yet imported is checked on import)."""
+    ids = []
+    for declaration in declarations:
+        if conflicts(declaration):
+            continue
+        if all(name in sys.modules for name in declaration.modules):
+            try:
+                if not all(check.matches for check in code_checks(declaration)):
+                    continue
+            except Exception as exc:  # cannot fingerprint: not offered, and refused when asked for
+                log.debug("patch %s not offered as applicable: %s", declaration.id, exc)
+                continue
+        ids.append(declaration.id)
+    return ids
+
+
+def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:
+    """The distributions in conflict that nothing can force: not installed, and no code of theirs that the
+    declaration targets can be imported without metadata (as a checkout on PYTHONPATH can)."""
+    tops = {canonicalize_name(t.module.split(".")[0]): t.module.split(".")[0] for t in declaration.targets}
+    return [
+        c.distribution for c in found
+        if c.found is None and not (
+            canonicalize_name(c.distribution) in tops and importlib.util.find_spec(tops[canonicalize_name(c.distribution)])
+        )
+    ]
+
+
+def _verdict(declaration: Declaration, what: str, problems: list[str], fix: str, risk: str, force: bool) -> list[str]:
     if not problems:
         return []
-    message = f"patch {declaration.id!r} refused: {what}:\n  " + "\n  ".join(problems)
     if force or environment.flag(environment.FORCE):
-        return [message.replace("refused", "forced", 1)]
-    raise IncompatibleUpstreamError(f"{message}\n{OVERRIDE_HINT}.")
+        return [_message(declaration, "forced anyway", what, problems, f"{fix}\nforcing is not a fix: {risk}")]
+    hint = f"to patch it anyway ({FORCE_HOW}), know the risk: {risk}"
+    raise IncompatibleUpstreamError(_message(declaration, "refused", what, problems, f"{fix}\n{hint}"))
+
+
+def _message(declaration: Declaration, verdict: str, what: str, problems: list[str], advice: str) -> str:
+    return f"patch {declaration.id!r} {verdict}: {what}:\n  " + "\n  ".join(problems) + f"\n{advice}"

@@ -6,7 +6,7 @@ import pytest
 import higgs_patch
 
 # Child interpreters must import the installed plugin, as this one does (python -P), never the source
-# tree in the working directory: the source tree has no start-up hook and no patches/ package mapping.
+# tree in the working directory: the source tree has no start-up hook.
 os.environ["PYTHONSAFEPATH"] = "1"
 
 
@@ -51,3 +51,25 @@ def _assert_same_batch(got, expected) -> None:
 def assert_same_batch():
     """``assert_same_batch(got, expected)``: collated batches equal field by field."""
     return _assert_same_batch
+
+
+def _copy_upstream_with_edit(root, old: bytes, new: bytes, module: str = "data_collator/higgs_audio_collator.py"):
+    """A copy of the installed boson_multimodal under ``root`` with ``old`` replaced by ``new`` once in ``module``."""
+    import shutil
+    from pathlib import Path
+
+    import boson_multimodal
+
+    shutil.copytree(Path(boson_multimodal.__file__).parent, Path(root) / "boson_multimodal",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    target = Path(root) / "boson_multimodal" / module
+    source = target.read_bytes()
+    assert source.count(old) == 1, old
+    target.write_bytes(source.replace(old, new))
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def copy_upstream_with_edit():
+    """``copy_upstream_with_edit(root, old, new)``: a copy of the upstream, edited, to put on PYTHONPATH."""
+    return _copy_upstream_with_edit

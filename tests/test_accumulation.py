@@ -102,7 +102,7 @@ def one_large_batch(params_before: torch.Tensor, samples) -> tuple[torch.Tensor,
     loss.backward()
     with torch.no_grad():
         after = torch.cat([(p - LR * p.grad).flatten() for p in model.parameters()])
-    return after, float(loss)
+    return after, float(loss.detach())
 
 
 def mismatches(params, windows, logs, samples) -> list[str]:

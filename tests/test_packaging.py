@@ -34,3 +34,21 @@ def test_the_installed_stack_satisfies_the_plugin_as_it_is():
     for name, requirement in requirements("higgs-patch").items():
         version = importlib.metadata.version(name)
         assert requirement.specifier.contains(version, prereleases=True), f"{name} {version} vs {requirement}"
+
+
+def test_the_test_extra_allows_no_peft_that_compat_knows_breaks_lora_on_this_torch():
+    from packaging.specifiers import SpecifierSet
+
+    from higgs_patch import upstream
+
+    extra = next(
+        Requirement(text) for text in importlib.metadata.requires("higgs-patch")
+        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "test"})
+    )
+    rule = next(r for r in upstream.known_bad() if r.distribution == "peft")
+    torch_version = importlib.metadata.version("torch")
+    assert all(SpecifierSet(spec).contains(torch_version, prereleases=True) for spec in rule.when.values())
+    for version in ("0.18.0", "0.19.1", "0.20.0", "0.21.2"):
+        assert not SpecifierSet(rule.works).contains(version)
+        assert not extra.specifier.contains(version), f"the [test] extra allows peft {version}, known to break LoRA"
+    assert extra.specifier.contains(importlib.metadata.version("peft"))
