@@ -28,12 +28,12 @@ VARIANTS = {
     "sparse": dict(checkpointing=False, sparse=True),
     "both": dict(checkpointing=True, sparse=True),
 }
-PROMPT, ANSWER, REFERENCE, TARGET = 7, 41, 998, 998  # 7 + 41 + (998 + 2) + (998 + 2) = 2,048 positions
+PROMPT, ANSWER, POSITIONS = 7, 41, 2048  # 7 + 41 + (998 + 2) + (998 + 2) = 2,048 positions
 LORA_RANK = 16
 LAYERS = 2  # run.py --layers sets it
 
 
-def model(layers: int):
+def model(layers: int, device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
     from higgs_patch import memory
@@ -43,18 +43,22 @@ def model(layers: int):
     try:
         from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel
 
-        net = HiggsAudioModel(memory.released_config(layers, **memory.TINY_TOKEN_IDS))
+        with torch.device(device):
+            net = HiggsAudioModel(memory.released_config(layers, **memory.TINY_TOKEN_IDS))
     finally:
         torch.set_default_dtype(torch.float32)
     config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(memory.LORA_TARGETS))
     return get_peft_model(net, config).train()
 
 
-def batch(scale: float = 1.0) -> dict:
+def batch(positions: int = POSITIONS) -> dict:
+    """One voice-clone sample of ``positions`` expanded positions: prompt, reference, target, a 41-token answer."""
     from higgs_patch import memory, tiny
 
-    reference, target = max(4, int(REFERENCE * scale)), max(4, int(TARGET * scale))
-    sample = tiny.sample(text=PROMPT, reference=reference, target=target, answer=ANSWER,
+    audio = (positions - PROMPT - ANSWER - 4) // 2  # each segment adds its bos and eos frames
+    if audio < 1:
+        raise ValueError(f"a sample needs more than {PROMPT + ANSWER + 4} positions (got {positions})")
+    sample = tiny.sample(text=PROMPT, reference=audio, target=positions - PROMPT - ANSWER - 4 - audio, answer=ANSWER,
                          codebooks=memory.RELEASED["audio_num_codebooks"], codebook_size=memory.RELEASED["audio_codebook_size"])
     collator = tiny.collator(round_to=1, audio_num_codebooks=memory.RELEASED["audio_num_codebooks"],
                              audio_stream_bos_id=memory.RELEASED["audio_codebook_size"],
@@ -130,8 +134,8 @@ def measure(name: str, layers: int, quick: bool) -> dict:
     if flags["checkpointing"]:
         net.gradient_checkpointing_enable()
     decoder = net.base_model.model.layers
-    step(net, batch(scale=0.02))  # thread pools, kernels, LoRA gradients
-    inputs = batch(scale=0.5 if quick else 1.0)
+    step(net, batch(96))  # thread pools, kernels, LoRA gradients
+    inputs = batch(POSITIONS // 2 if quick else POSITIONS)
     gc.collect()
     saved = SavedBytes(net, decoder)
     method = reset_peak()

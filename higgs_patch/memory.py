@@ -11,16 +11,20 @@ with LoRA r 16 (``compat/memory.toml``):
 - what is saved outside the layers (``outside``: embeddings, norm, audio head, loss) and per row of
   text logits (``text_row``: every position, or with ``sparse-text-logits`` the supervised ones);
 - the transient of backward on top of what is saved, the larger of: at the text head, per text-logit
-  row (``backward_text_row``: the logits' gradient and its softmax); in the layers, per position
-  (``backward``: one layer's backward buffers), plus with checkpointing the layer being recomputed
-  (``layer`` again).
+  row (``backward_text_row``: the logits' gradient and its softmax); in a layer, per position
+  (``backward``: its backward buffers, plus with checkpointing ``backward_recompute``: the layer
+  recomputed and its buffers); and on top, a share of the layers' saved bytes that backward has freed
+  but the allocator had not yet reused (``backward_per_layer``, measured with glibc on a CPU: likely
+  less under CUDA's caching allocator, so the estimate errs high there).
 
 Assumptions (said by ``higgs-patch memory``): bf16 weights; LoRA adapters in fp32 (PEFT's default)
 with AdamW, 16 bytes per adapter parameter; a full fine-tune keeps bf16 gradients and AdamW's two
 moments in bf16 (torch's AdamW on a bf16 model), 6 bytes per parameter beyond the weights, with the
 LoRA activation figures (an upper bound: no fp32 copies of adapter inputs). Activations grow
-linearly with positions x batch; attention saves no length x length matrix (flash / memory-efficient
-kernels). Not counted: the CUDA context and allocator slack (typically 0.5-1.5 GiB), data on the GPU.
+linearly with positions x batch. Not counted: the CUDA context, the batch itself.
+
+Checked by the benchmark: figures from its 2-layer run predict the peak growth of each variant at 2
+and at 4 layers within 15% (README, "What fits where").
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 WEIGHT_BYTES = 2  # bf16
 LORA_STATE_BYTES = 16  # fp32 adapter, its gradient, AdamW's two moments
 FULL_STATE_BYTES = 6  # bf16 gradient and AdamW's two moments in bf16
-FIGURES = ("layer", "layer_checkpointed", "outside", "text_row", "backward_text_row", "backward")
+FIGURES = ("layer", "layer_checkpointed", "outside", "text_row", "backward_text_row", "backward",
+           "backward_recompute", "backward_per_layer")
 GIB = 2**30
 
 
@@ -105,6 +110,8 @@ class Figures:
     text_row: float
     backward_text_row: float
     backward: float
+    backward_recompute: float
+    backward_per_layer: float  # a fraction of the layers' saved bytes, not bytes per position
     measured: str = ""
 
 
@@ -117,18 +124,20 @@ def measured_figures() -> Figures:
 
 def activation_peak(figures: Figures, layers: int, positions: int, supervised: int, checkpointing: bool,
                     sparse: bool) -> float:
-    """Peak bytes the activations of one training step add: what is saved, plus the larger of two transients.
+    """Peak bytes the activations of one training step add: what is saved, plus backward's transient.
 
     Backward peaks either at the text head (the logits' gradient and softmax, per text-logit row) or in
-    the decoder layers (a layer's backward buffers, per position, plus with checkpointing the layer being
-    recomputed), whichever is larger.
+    a decoder layer (its backward buffers, per position, plus with checkpointing the layer being
+    recomputed), whichever is larger; on top of that, a share of the layers' saved bytes that backward
+    frees but the allocator does not hand back in time (``backward_per_layer``).
     """
     rows = supervised if sparse else positions
     per_layer = figures.layer_checkpointed if checkpointing else figures.layer
     saved = positions * (figures.outside + layers * per_layer) + rows * figures.text_row
     at_head = rows * figures.backward_text_row
-    in_layers = positions * (figures.backward + (figures.layer if checkpointing else 0.0))
-    return saved + max(at_head, in_layers)
+    in_layer = positions * (figures.backward + (figures.backward_recompute if checkpointing else 0.0))
+    held = figures.backward_per_layer * layers * positions * per_layer
+    return saved + max(at_head, in_layer) + held
 
 
 @dataclass(frozen=True)
@@ -173,15 +182,15 @@ def estimate(seq: int, batch: int = 1, lora: int | None = 16, supervised_fractio
 
 
 def figures_from(found: dict[str, dict]) -> Figures:
-    """The figures, from one run of the memory benchmark's ``plain``, ``sparse`` and ``checkpointing`` variants.
+    """The figures, from one run of the memory benchmark's four variants (``plain``, ``checkpointing``, ...).
 
-    The first layer also saves what the later ones share with it (the mask, the rotary tables): that
-    goes to ``outside``, so that ``layer`` is what each further layer adds. The transients come from
-    ``plain`` (backward peaks at the dense text head) and ``sparse`` (it peaks in the layers); the
-    checkpointing variants are left to check the model.
+    Saved bytes come from the counts of each run. The first layer also saves what the later ones share
+    with it (the mask, the rotary tables): that goes to ``outside``, so that ``layer`` is what each
+    further layer adds. The transients (peak growth less saved bytes) of the four variants give the
+    four transient figures: the dense variants peak at the text head, the sparse ones in a layer.
     """
-    plain, sparse, checkpointed = found["plain"], found["sparse"], found["checkpointing"]
-    positions, kept_rows = plain["positions"], sparse["supervised_text"]
+    plain, checkpointed, sparse, both = (found[name] for name in ("plain", "checkpointing", "sparse", "both"))
+    positions, kept_rows, layers = plain["positions"], sparse["supervised_text"], len(plain["saved_per_layer"])
 
     def later(result) -> float:
         per_layer = result["saved_per_layer"][1:] or result["saved_per_layer"]
@@ -193,24 +202,30 @@ def figures_from(found: dict[str, dict]) -> Figures:
     first_extra = plain["saved_per_layer"][0] - later(plain)
     text_row = (plain["saved_outside"] - sparse["saved_outside"]) / (positions - kept_rows)
     outside = (sparse["saved_outside"] + first_extra - kept_rows * text_row) / positions
+    held_plain, held_checkpointed = layers * later(plain), layers * later(checkpointed)
+    share = (transient(plain) - transient(checkpointed)) / (held_plain - held_checkpointed)
+    at_head = transient(plain) - share * held_plain
+    in_layer = transient(sparse) - share * held_plain
+    recompute = transient(both) - share * held_checkpointed - in_layer
     return Figures(layer=later(plain) / positions, layer_checkpointed=later(checkpointed) / positions, outside=outside,
-                   text_row=text_row, backward_text_row=transient(plain) / positions,
-                   backward=transient(sparse) / positions)
+                   text_row=text_row, backward_text_row=at_head / positions, backward=in_layer / positions,
+                   backward_recompute=recompute / positions, backward_per_layer=share)
 
 
 def figures_toml(figures: Figures, measured: str) -> str:
     lines = ["# Printed by benchmarks/memory_bench.py: bytes per expanded position (text_row, backward_text_row:",
              "# per row of text logits). higgs_patch/memory.py says what each one is.", f"measured = {measured!r}"]
-    lines += [f"{name} = {getattr(figures, name):.1f}" for name in FIGURES]
+    lines += [f"{name} = {getattr(figures, name):.4g}" for name in FIGURES]
     return "\n".join(lines) + "\n"
 
 
 CARDS_GIB = (16, 24, 40, 48, 80, 141)
 ASSUMPTIONS = """Assumptions: bf16 weights; LoRA adapters in fp32 (PEFT's default) with AdamW, 16 bytes per adapter
 parameter; a full fine-tune keeps bf16 gradients and AdamW's moments in bf16 (6 bytes per parameter beyond
-the weights). Activations from figures measured at the released widths (LoRA, bf16), linear in positions x
-batch; attention stores no length x length matrix (flash / memory-efficient kernels on a GPU). Not counted:
-the CUDA context and allocator slack (typically 0.5-1.5 GiB), the batch itself."""
+the weights). Activations from figures measured at the released widths on a CPU (LoRA, bf16), linear in
+positions x batch: saved tensors carry over to a GPU as they are; backward's buffers were measured with CPU
+attention kernels and glibc's allocator, which hold more than flash attention and CUDA's caching allocator,
+so the estimate errs high. Not counted: the CUDA context (about 0.5-1 GiB) and the batch itself."""
 
 
 def render(estimates: list[Estimate]) -> str:

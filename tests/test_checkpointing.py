@@ -130,7 +130,7 @@ def test_every_decoder_layer_is_recomputed_with_the_same_loss_and_gradients(conf
     assert grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert saved * 3 < plain_bytes  # 3.9x with the Whisper encoder (its features dominate), 5 to 7x without
+    assert saved * 3 < plain_bytes  # 3.9x with the Whisper encoder (its features dominate), 7 to 8x without
 
 
 def test_the_trainer_switch_recomputes_the_layers_and_logs_the_losses_of_a_plain_run(tmp_path):
@@ -235,12 +235,29 @@ def test_other_llama_models_are_not_checkpointed_and_keep_their_own_switch():
 
 def test_revert_restores_upstream():
     Model = modeling.HiggsAudioModel
+    inherited = ("_set_gradient_checkpointing", "enable_input_require_grads")
     with higgs_patch.applied(PATCH):
-        assert "_set_gradient_checkpointing" in vars(Model)
+        assert all(name in vars(Model) for name in inherited)
         checkpointed = model()
         checkpointed.gradient_checkpointing_enable()
-    assert "_set_gradient_checkpointing" not in vars(Model)  # inherited from transformers again
+    assert not any(name in vars(Model) for name in inherited)  # inherited from transformers again
     with pytest.raises(ValueError, match="not compatible with gradient checkpointing"):
         model().gradient_checkpointing_enable()
     with higgs_patch.applied("forward-kwargs-filter"):
         assert step(checkpointed, batch())[3] == [1] * LAYERS  # a model switched on before: no longer recomputed
+
+
+def test_peft_wrapping_a_model_that_already_checkpoints_finds_the_text_embeddings():
+    net, inputs = model(), batch()
+    with pytest.raises(NotImplementedError):  # upstream: what PEFT calls when checkpointing is already on
+        net.enable_input_require_grads()
+    with higgs_patch.applied():
+        net.gradient_checkpointing_enable()
+        wrapped = get_peft_model(net, LoraConfig(r=4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        assert net.embed_tokens(torch.tensor([1])).requires_grad
+        wrapped.zero_grad()
+        with attention_calls(net.layers) as calls:
+            higgs_patch.higgs_audio_loss(wrapped(**inputs), inputs).loss.backward()
+    assert calls == [2] * LAYERS
+    adapters = {n: p.grad for n, p in wrapped.named_parameters() if "lora_B" in n}
+    assert adapters and all(grad is not None and grad.abs().sum() > 0 for grad in adapters.values())

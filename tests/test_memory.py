@@ -42,8 +42,11 @@ def test_activations_grow_with_positions_layers_and_supervision():
         return memory.activation_peak(figures, **{**settings, **changes})
 
     assert peak(positions=8192, supervised=164) > 1.9 * peak()
-    assert peak(layers=29) - peak() == pytest.approx(4096 * figures.layer)
-    assert peak(checkpointing=True, layers=29) - peak(checkpointing=True) == pytest.approx(4096 * figures.layer_checkpointed)
+    share = 1 + figures.backward_per_layer  # saved by the layer, plus what backward holds of it
+    assert peak(layers=29) - peak() == pytest.approx(4096 * figures.layer * share)
+    assert peak(checkpointing=True, layers=29) - peak(checkpointing=True) == pytest.approx(
+        4096 * figures.layer_checkpointed * share)
+    assert peak(checkpointing=True) - peak() < 0  # what checkpointing saves far exceeds the layer it recomputes
     assert peak(supervised=4096) > peak()
     assert peak(sparse=False) == peak(supervised=4096)  # dense: every position has a text-logit row
 

@@ -15,8 +15,10 @@ model trains with gradients, each of its decoder layers (DualFFN or Llama) runs 
 checkpoint function, which carries ``use_reentrant`` and the user's other kwargs: keyword arguments
 are bound to positions (reentrant checkpointing takes no keywords), and a layer input that needs no
 gradient is given one, so that adapters inside reentrant checkpoints still get theirs when the
-embeddings are frozen (LoRA). ``use_cache=True`` is turned off there, with one warning. Layers of
-other models, evaluation, generation and calls under ``torch.no_grad()`` are untouched.
+embeddings are frozen (LoRA). ``use_cache=True`` is turned off there, with one warning. PEFT's
+``enable_input_require_grads()`` call, made when it wraps a model already checkpointing, finds the
+text embeddings. Layers of other models, evaluation, generation and calls under ``torch.no_grad()``
+are untouched.
 """
 
 from __future__ import annotations
@@ -56,6 +58,28 @@ def declare_switch(original: Callable[..., Any], options: Mapping[str, Any]):
         return wrapped(*args, **kwargs)
 
     return wrapper
+
+
+def hook_text_embeddings(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``HiggsAudioModel.enable_input_require_grads``: hook the text embeddings it cannot find.
+
+    PEFT calls it when it wraps a model whose checkpointing is already on, and transformers' version
+    asks ``get_input_embeddings()``, which ``HiggsAudioModel`` does not implement (NotImplementedError).
+    Only this call learns where the embeddings are; ``get_input_embeddings()`` itself is left as it is.
+    """
+
+    def wrapper(wrapped, instance, args, kwargs):
+        try:
+            return wrapped(*args, **kwargs)
+        except NotImplementedError:
+            instance._require_grads_hook = instance.embed_tokens.register_forward_hook(_require_grad)
+            return None
+
+    return wrapper
+
+
+def _require_grad(module, inputs, output) -> None:
+    output.requires_grad_(True)
 
 
 def scope_layers(original: Callable[..., Any], options: Mapping[str, Any]):
