@@ -13,6 +13,7 @@ decoder layer and outside them. The memory model (``higgs_patch.memory``) is che
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import sys
@@ -30,13 +31,15 @@ VARIANTS = {
 }
 PROMPT, ANSWER, POSITIONS = 7, 41, 2048  # 7 + 41 + (998 + 2) + (998 + 2) = 2,048 positions
 LORA_RANK = 16
+SPECIAL_TOKEN_IDS = ("pad_token_id", "audio_in_token_idx", "audio_out_token_idx", "audio_out_bos_token_id",
+                     "audio_eos_token_id")
 LAYERS = 2  # run.py --layers sets it
 
 
 def model(layers: int, device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
-    from higgs_patch import memory
+    from higgs_patch import memory, tiny
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 1.2 B parameters on the way
@@ -44,7 +47,9 @@ def model(layers: int, device: str = "cpu"):
         from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel
 
         with torch.device(device):
-            net = HiggsAudioModel(memory.released_config(layers, **memory.TINY_TOKEN_IDS))
+            # the special token ids of higgs_patch.tiny's samples, which build the batch
+            settings = {name: getattr(tiny.config(), name) for name in SPECIAL_TOKEN_IDS}
+            net = HiggsAudioModel(memory.released_config(layers, **settings))
     finally:
         torch.set_default_dtype(torch.float32)
     config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(memory.LORA_TARGETS))
@@ -108,20 +113,12 @@ class SavedBytes:
 
 def step(net, inputs: dict, saved: SavedBytes | None = None) -> float:
     net.zero_grad(set_to_none=True)
-    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved else _nothing()
+    hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved else contextlib.nullcontext()
     with hooks:
         outputs = net(**inputs)
         loss = higgs_patch.higgs_audio_loss(outputs, inputs).loss
     loss.backward()
     return loss.item()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def measure(name: str, layers: int, quick: bool) -> dict:
@@ -189,11 +186,15 @@ def run(quick: bool) -> list[Row]:
             rows.append(Row("memory (real widths)", "loss value", "", "plain", plain["loss"], name, result["loss"],
                             goal="same", ratio=None, passed=diff <= 2e-2 * abs(plain["loss"]), note=f"|diff| = {diff:.1e} (bf16)"))
     shipped = memory.measured_figures()
+    # The figures were measured at 2,048 positions: --quick's 1,024 shows how far linear scaling carries on a CPU.
+    judged = plain["positions"] == POSITIONS
     for name, result in found.items():
         predicted = memory.activation_peak(shipped, layers=layers, positions=result["positions"],
                                            supervised=result["supervised_text"], **VARIANTS[name])
+        close = abs(predicted / result["growth"] - 1) <= 0.15
         rows.append(Row("memory model", f"peak growth, {layers} layers", "MiB", f"measured {name}", result["growth"] / mib,
-                        "predicted", predicted / mib, goal="within 15%", passed=abs(predicted / result["growth"] - 1) <= 0.15,
+                        "predicted", predicted / mib, goal="within 15%" if judged else "info",
+                        passed=close if judged else None,
                         note="compat/memory.toml's figures" if name == "plain" else ""))
     measured = f"benchmarks/run.py --only memory --layers {layers}{' --quick' if quick else ''}: {shape}"
     print("figures of this run, in the form of compat/memory.toml:\n" + memory.figures_toml(memory.figures_from(found), measured))

@@ -55,9 +55,6 @@ RELEASED = dict(
     audio_decoder_proj_num_layers=0, use_audio_out_self_attention=False,
 )
 LAYERS = 28
-#: The tiny model's special token ids (inside any vocabulary), for samples built by ``higgs_patch.tiny``.
-TINY_TOKEN_IDS = dict(pad_token_id=0, audio_in_token_idx=250, audio_out_token_idx=251,
-                      audio_out_bos_token_id=252, audio_eos_token_id=253)
 #: Where LoRA goes, in the figures and the table: attention, MLP and audio MLP of every decoder layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHT_BYTES = 2  # bf16
