@@ -1,4 +1,4 @@
-"""The GPU checks of issues 3, 5, 6 and 7, as one prepared script for a lent GPU machine.
+"""The GPU checks of issues 3, 5, 6, 7 and 11, as one prepared script for a lent GPU machine.
 
     python benchmarks/gpu_checks.py [--device cuda] [--quick] [--json PATH]
 
@@ -9,7 +9,11 @@
 3. loss: the loss hook against plain ``F.cross_entropy`` at 1 x 4,096 x 128,256 in bf16, time and
    peak memory from ``torch.cuda.max_memory_allocated`` (issue 6);
 4. sparse: one training step of a tiny model with the real vocabulary, 2,048 positions, 2% supervised
-   text, dense against ``sparse-text-logits``, in bf16 (issue 7).
+   text, dense against ``sparse-text-logits``, in bf16 (issue 7);
+5. released: the released config at 28 layers (random init, bf16), LoRA r 16 on attention, MLP and
+   audio MLP, one sample of 4,096 positions: plain, gradient checkpointing, sparse-text-logits, both;
+   peak from ``torch.cuda.max_memory_allocated`` and step time, beside the memory model's prediction
+   (issue 11).
 
 ``--device cpu --quick`` runs the same code paths on small shapes, to check the script itself.
 Prints one JSON document (also written to --json) and exits 1 if a check fails.
@@ -164,6 +168,40 @@ def check_sparse(device: str, quick: bool) -> dict:
     }
 
 
+def check_released(device: str, quick: bool) -> dict:
+    sys.path.insert(0, HERE)
+    import memory_bench
+
+    from higgs_patch import memory
+
+    layers, positions = (1, 128) if quick else (memory.LAYERS, 4096)
+    higgs_patch.apply()
+    net = memory_bench.model(layers, device=device)
+    inputs = on(device, memory_bench.batch(positions))
+    supervised = int((torch.nn.functional.pad(inputs["label_ids"], (0, 1), value=-100)[:, 1:] != -100).sum())
+    cuda = device.startswith("cuda")
+    found = {}
+    for name, flags in memory_bench.VARIANTS.items():
+        if flags["checkpointing"]:
+            net.gradient_checkpointing_enable()
+        else:
+            net.gradient_checkpointing_disable()
+        with higgs_patch.applied(*(["sparse-text-logits"] if flags["sparse"] else [])):
+            seconds, growth, loss = measured(device, lambda: memory_bench.step(net, inputs))
+        predicted = memory.activation_peak(memory.measured_figures(), layers, positions, supervised, **flags) / 2**20
+        found[name] = {"time_ms": seconds * 1e3, "peak_growth_mib": growth, "predicted_growth_mib": predicted,
+                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss}
+    plain, both, checkpointing = found["plain"], found["both"], found["checkpointing"]
+    return {
+        "ok": (not cuda or both["peak_growth_mib"] <= 0.25 * plain["peak_growth_mib"])
+        and checkpointing["time_ms"] <= 1.4 * plain["time_ms"]
+        and all(abs(v["loss"] - plain["loss"]) <= 2e-2 * abs(plain["loss"]) for v in found.values()),
+        "layers": layers, "positions": positions, "supervised_text": supervised, "dtype": "bfloat16",
+        "lora_rank": memory_bench.LORA_RANK, "variants": found,
+        "model_predicted_total_gib": {e.variant: e.total / 2**30 for e in memory.estimate(positions, lora=16)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -177,6 +215,7 @@ def main() -> None:
         "spawn": lambda: check_spawn(arguments.device),
         "loss": lambda: check_loss(arguments.device, arguments.quick),
         "sparse": lambda: check_sparse(arguments.device, arguments.quick),
+        "released": lambda: check_released(arguments.device, arguments.quick),
     }
     for name, check in checks.items():
         try:

@@ -1,7 +1,7 @@
 """Run the higgs-patch benchmarks: each candidate as a ratio against a reference measured in the same run.
 
-    python benchmarks/run.py [--quick] [--json PATH] [--only loss,collator,forward,startup,sparse]
-                             [--threads N] [--clock cpu|wall]
+    python benchmarks/run.py [--quick] [--json PATH] [--only loss,collator,forward,startup,sparse,memory]
+                             [--threads N] [--clock cpu|wall] [--layers 2|4]
 
 Prints the machine, a table (reference, candidate, ratio with its interquartile band over repeats,
 goal, PASS / FAIL / info) and notes, and writes everything as JSON (default
@@ -19,7 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUITES = ("loss", "collator", "forward", "startup", "sparse")
+SUITES = ("loss", "collator", "forward", "startup", "sparse", "memory")
 
 
 def _arguments() -> argparse.Namespace:
@@ -34,6 +34,8 @@ def _arguments() -> argparse.Namespace:
                         help="cpu: CPU time of the measuring thread (children: their CPU time), immune to time "
                              "spent descheduled; the default with one thread. wall: perf_counter; the default, "
                              "and the only choice, with more threads")
+    parser.add_argument("--layers", type=int, choices=(2, 4), default=2,
+                        help="decoder layers of the memory benchmark's released-width model (4: about 8 GiB of RAM)")
     arguments = parser.parse_args()
     arguments.clock = arguments.clock or ("cpu" if arguments.threads == 1 else "wall")
     if arguments.clock == "cpu" and arguments.threads != 1:
@@ -115,11 +117,13 @@ def main() -> int:
     import collator_bench
     import forward_bench
     import loss_bench
+    import memory_bench
     import sparse_bench
     import startup_bench
 
     modules = {"loss": loss_bench, "collator": collator_bench, "forward": forward_bench, "startup": startup_bench,
-               "sparse": sparse_bench}
+               "sparse": sparse_bench, "memory": memory_bench}
+    memory_bench.LAYERS = arguments.layers
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), {info['memory_gib']} GiB, "
           f"load {info['load_average']}; python {info['python']}, torch {info['torch']} "

@@ -315,3 +315,40 @@ def fingerprint(as_json: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--seq", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Expanded positions per sample: text tokens plus audio frames.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per step (per GPU).")
+@click.option("--lora", default=16, show_default=True, type=click.IntRange(min=1),
+              help="LoRA rank, on attention, MLP and audio MLP of every layer.")
+@click.option("--full", is_flag=True, help="A full fine-tune instead of LoRA.")
+@click.option("--supervised", default=0.02, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of positions that predict a supervised text token (what sparse-text-logits keeps).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema 1).")
+def memory(seq: int, batch: int, lora: int, full: bool, supervised: float, as_json: bool) -> None:
+    """What fits where: peak GPU memory of one training step of the released model (28 layers, bf16).
+
+    One row per variant: plain, gradient checkpointing, sparse-text-logits, both. Built from the
+    config on the meta device and activation figures measured at the released widths; the
+    assumptions are printed below the table.
+    """
+    from . import memory as model
+
+    rank = None if full else lora
+    estimates = model.estimate(seq, batch, lora=rank, supervised_fraction=supervised)
+    figures = model.measured_figures()
+    if as_json:
+        rows = [{"variant": e.variant, "weights": e.weights, "optimizer": e.states, "activations": e.activations,
+                 "total": e.total} for e in estimates]
+        click.echo(json.dumps({"schema": 1, "unit": "bytes", "seq": seq, "batch": batch, "lora": rank,
+                               "supervised": supervised, "estimates": rows, "figures_measured": figures.measured},
+                              indent=2))
+        return
+    what = "full fine-tune" if full else f"LoRA r {lora}"
+    click.echo(f"Released Higgs Audio v2 (28 layers, {model.parameters().total / 1e9:.2f} B parameters, bf16), "
+               f"{what}, batch {batch} x {seq:,} positions, {supervised:.0%} supervised text:")
+    click.echo(model.render(estimates))
+    click.echo(model.ASSUMPTIONS)
+    click.echo(f"Activation figures: {figures.measured}")

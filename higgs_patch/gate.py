@@ -133,11 +133,14 @@ def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | Non
             if modules is not None and modules.get(target.module) is None:
                 try:
                     path, qualname = static_definition(target)
+                    found = fingerprint.of_file(path, qualname)
                 except (FileNotFoundError, LookupError):
-                    continue  # not found without importing it (a path added later, a dynamic definition): the import decides
+                    # not found without importing it (a path added later, a method inherited from a
+                    # base class defined elsewhere): the import decides
+                    continue
             else:
                 path, qualname = definition(target, modules[target.module] if modules is not None else None)
-            found = fingerprint.of_file(path, qualname)
+                found = fingerprint.of_file(path, qualname)
             checks.append(CodeCheck(target.path, path, qualname, found, knowledge.known(target.path)))
     return checks
 

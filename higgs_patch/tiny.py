@@ -74,18 +74,21 @@ def sample(
     answer: int = 3,
     waveform_rate: int | None = None,
     device: str | torch.device = "cpu",
+    codebooks: int = CODEBOOKS,
+    codebook_size: int = CODEBOOK_SIZE,
 ) -> ChatMLDatasetSample:
     """A voice-clone sample: ``text <|AUDIO|> <|AUDIO_OUT|> answer``.
 
     ``reference=None`` gives the broken layout with only the target supplied (two audio tokens, one
-    segment). ``waveform_rate`` adds a waveform per segment for the Whisper path.
+    segment). ``waveform_rate`` adds a waveform per segment for the Whisper path. ``codebooks`` and
+    ``codebook_size`` shape the audio codes for a model other than the tiny one (the released 8 x 1,024).
     """
     g = torch.Generator().manual_seed(seed)
     words = torch.randint(1, 200, (text + answer,), generator=g)
     ids = torch.cat([words[:text], torch.tensor([AUDIO_IN, AUDIO_OUT]), words[text:]])
     labels = torch.cat([torch.full((text,), -100), torch.tensor([-100, AUDIO_OUT]), words[text:]])
     lengths = ([reference] if reference else []) + [target]
-    codes = torch.randint(0, CODEBOOK_SIZE, (CODEBOOKS, sum(lengths)), generator=g)
+    codes = torch.randint(0, codebook_size, (codebooks, sum(lengths)), generator=g)
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
     if waveform_rate:
         waves = torch.randn(sum(lengths) * 640, generator=g)

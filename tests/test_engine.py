@@ -62,6 +62,25 @@ def run_python(code: str, *, pythonpath: str | None = None, env: dict | None = N
 # --- apply / revert / status ------------------------------------------------------------------------
 
 
+def test_every_default_patch_applied_before_any_import_is_accepted_and_installs_at_the_imports():
+    """Decided from source before the import: inherited targets (a method defined in transformers) included."""
+    result = run_python(
+        """
+        import json, higgs_patch
+        before = {s.id: s.state for s in higgs_patch.apply()}
+        import boson_multimodal.model.higgs_audio.modeling_higgs_audio
+        import boson_multimodal.data_collator.higgs_audio_collator
+        import transformers.trainer
+        after = {s.id: s.state for s in higgs_patch.status() if s.default}
+        print(json.dumps({"before": before, "after": after}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(data["before"].values()) == {"pending"}
+    assert set(data["after"].values()) == {"applied"} and data["after"].keys() == data["before"].keys()
+
+
 def test_apply_wraps_every_default_target_and_revert_restores_the_originals_by_identity():
     report = higgs_patch.apply()
     assert {s.id for s in report} == {s.id for s in higgs_patch.status() if s.default}
