@@ -73,3 +73,19 @@ def _copy_upstream_with_edit(root, old: bytes, new: bytes, module: str = "data_c
 def copy_upstream_with_edit():
     """``copy_upstream_with_edit(root, old, new)``: a copy of the upstream, edited, to put on PYTHONPATH."""
     return _copy_upstream_with_edit
+
+
+@pytest.fixture(scope="module")
+def edited_upstream(tmp_path_factory):
+    """A copy of the installed upstream with one token of the collator's __call__ changed."""
+    import shutil
+
+    import boson_multimodal.data_collator.higgs_audio_collator as collator_module
+
+    root = tmp_path_factory.mktemp("edited")
+    shutil.copytree(os.path.dirname(os.path.dirname(collator_module.__file__)), root / "boson_multimodal")
+    target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
+    source = target.read_bytes()
+    target.write_bytes(source.replace(b"value=-100)", b"value=-99)", 1))
+    assert target.read_bytes() != source
+    return root

@@ -366,18 +366,6 @@ def test_a_hook_that_fires_after_revert_does_nothing():
     assert result.stdout.split()[-2:] == ["function", "not-applied"]
 
 
-@pytest.fixture(scope="module")
-def modified_upstream(tmp_path_factory) -> Path:
-    """A copy of the installed upstream with one token of the collator's __call__ changed."""
-    root = tmp_path_factory.mktemp("modified")
-    shutil.copytree(Path(collator_module.__file__).parents[1], root / "boson_multimodal")
-    target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
-    source = target.read_bytes()
-    target.write_bytes(source.replace(b"value=-100)", b"value=-99)", 1))
-    assert target.read_bytes() != source
-    return root
-
-
 SHOW_GATE = """
     import json, logging, higgs_patch
     import boson_multimodal.data_collator.higgs_audio_collator as c
@@ -392,11 +380,11 @@ SHOW_GATE = """
 """
 
 
-def test_modified_upstream_is_refused_with_a_helpful_error_and_nothing_is_patched(modified_upstream):
-    result = run_python(SHOW_GATE.format(force=False), pythonpath=str(modified_upstream))
+def test_edited_upstream_is_refused_with_a_helpful_error_and_nothing_is_patched(edited_upstream):
+    result = run_python(SHOW_GATE.format(force=False), pythonpath=str(edited_upstream))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert data["file"].startswith(str(modified_upstream))
+    assert data["file"].startswith(str(edited_upstream))
     message = data["outcome"]
     for expected in ("collator-audio-index", "HiggsAudioSampleCollator.__call__", data["file"], "unknown",
                      "boson-multimodal 0.1.1", "force=True", "HIGGS_PATCH_FORCE"):
@@ -407,9 +395,9 @@ def test_modified_upstream_is_refused_with_a_helpful_error_and_nothing_is_patche
 
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
-def test_force_patches_the_modified_upstream_with_a_warning(modified_upstream, how):
+def test_force_patches_the_edited_upstream_with_a_warning(edited_upstream, how):
     env = {"HIGGS_PATCH_FORCE": "1"} if how == "environment" else {}
-    result = run_python(SHOW_GATE.format(force=how == "argument"), pythonpath=str(modified_upstream), env=env)
+    result = run_python(SHOW_GATE.format(force=how == "argument"), pythonpath=str(edited_upstream), env=env)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["outcome"] == "applied"

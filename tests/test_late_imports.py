@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-import boson_multimodal.data_collator.higgs_audio_collator as collator_module
 
 LIMIT_S = 120  # per interpreter; a deadlocked scenario is cut off here and fails
 
@@ -184,18 +181,6 @@ def test_apply_from_inside_the_import_of_its_own_target_in_the_same_thread_says_
 
 
 COLLATOR = "boson_multimodal.data_collator.higgs_audio_collator"
-
-
-@pytest.fixture(scope="module")
-def edited_upstream(tmp_path_factory) -> Path:
-    """A copy of the installed upstream with one token of the collator's __call__ changed."""
-    root = tmp_path_factory.mktemp("edited")
-    shutil.copytree(Path(collator_module.__file__).parents[1], root / "boson_multimodal")
-    target = root / "boson_multimodal" / "data_collator" / "higgs_audio_collator.py"
-    source = target.read_bytes()
-    target.write_bytes(source.replace(b"value=-100)", b"value=-99)", 1))
-    assert target.read_bytes() != source
-    return root
 
 
 def test_apply_before_the_import_decides_then_an_edited_upstream_is_refused_by_apply_itself(edited_upstream):
