@@ -160,8 +160,6 @@ class _Window:
         """Divide the accumulated gradient by the window's size; make the logged values their mean."""
         count, logged = self.count, self.logged
         self.count, self.logged = 0, 0.0
-        if count == 1 and steps == 1:
-            return value
         with torch.no_grad():
             for parameter in model.parameters():
                 if parameter.grad is not None:
