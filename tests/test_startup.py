@@ -89,11 +89,11 @@ def hookless_python(tmp_path_factory) -> Path:
 
 
 def test_run_refuses_when_its_children_cannot_be_patched_and_doctor_says_so(hookless_python):
-    refused = run([str(hookless_python), "-m", "higgs_patch.cli", "run", "--", str(hookless_python), "-c", "pass"])
+    refused = run([str(hookless_python), "-m", "higgs_patch", "run", "--", str(hookless_python), "-c", "pass"])
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "cannot patch the processes it starts: no higgs_patch.pth in" in refused.stderr
     assert "pip install -e ." in refused.stderr
-    done = run([str(hookless_python), "-m", "higgs_patch.cli", "doctor", "--json"])
+    done = run([str(hookless_python), "-m", "higgs_patch", "doctor", "--json"])
     report = json.loads(done.stdout)
     hook = next(c for c in report["checks"] if c["name"] == "start-up hook")
     assert hook["level"] == "warn" and "child processes start unpatched" in hook["detail"]
@@ -109,7 +109,9 @@ def test_run_without_a_command_is_a_clear_error():
 
 
 def readme_run_examples() -> list[str]:
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    """The ``higgs-patch run ... python train.py`` examples of the README and docs/ (Every process)."""
+    lines = [line for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for line in page.read_text(encoding="utf-8").splitlines()]
     return [line for line in lines if line.startswith("higgs-patch run ") and line.endswith("python train.py")]
 
 
@@ -122,7 +124,7 @@ print(json.dumps({s.id: [s.state, s.options] for s in higgs_patch.status()}))
 
 @pytest.mark.parametrize("example", readme_run_examples() or ["(none found)"])
 def test_the_readmes_run_examples_work_as_written_with_a_script_that_calls_apply(example, tmp_path):
-    assert example.startswith("higgs-patch run"), "the README lost its `higgs-patch run ... python train.py` examples"
+    assert example.startswith("higgs-patch run"), "docs/processes.md lost its `higgs-patch run ... python train.py` examples"
     (tmp_path / "train.py").write_text(TRAIN)
     words = shlex.split(example)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` is this environment's
