@@ -1,26 +1,33 @@
 """trainer-compute-loss
 
-Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step, and
-an epoch end can make one update weigh its micro-batches 1/2, 1/2, 1/3; the Trainer's
-``label_smoothing_factor`` scores expanded logits against raw labels; the training logs show one
-number where text and audio losses move apart.
+Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step
+(transformers 4.46, 4.47; a wrapper module with ``forward(**kwargs)`` on every line), or an epoch's
+short last window takes 2/3 of its step (4.48 to 4.54), and the logged loss is off by the same factor
+(4.47: k times); the Trainer's ``label_smoothing_factor`` scores expanded logits against raw labels;
+the training logs show one number where text and audio losses move apart.
 
-Cause: transformers 4.46 neither divides the loss by the accumulation steps nor passes
-``num_items_in_batch`` for a model whose forward takes no ``**loss_kwargs``: it only divides the
-value it logs, by k, even for a window that holds fewer micro-batches (an epoch's short last window)
-or that spans an epoch end (it steps when its running count of micro-batches reaches a multiple of
-k). Its label smoother knows nothing of Higgs Audio's expanded sequence or audio head.
+Cause: each transformers line divides a micro-batch's loss differently before backward (by nothing,
+by the accumulation steps k however few micro-batches the window holds, or by the window's size) and
+in the value it logs, depending on whether the model takes loss kwargs, whether it counted
+``num_items_in_batch`` and whether a ``compute_loss_func`` is given (``trainer_lines`` holds the
+rule of each line). A model that takes ``**kwargs`` is handed the count and trusted to divide by it;
+Higgs Audio's forward drops it and returns a mean. Its label smoother knows nothing of Higgs Audio's
+expanded sequence or audio head.
 
 Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
 PEFT, ``torch.compile``, a user's wrapper module):
 
 - ``training_step``: the Trainer says before each micro-batch whether the optimizer steps after it
   (``accelerator.sync_gradients``). At that micro-batch the gradient accumulated since the last
-  step is divided by the number n of micro-batches that made it, and the value returned for logging
-  is corrected so that the logged loss is their mean. Every shape of window is therefore one large
-  batch's update, whoever computes the loss (the default ``compute_loss``, a subclass reading the
-  model's loss, a subclass calling :func:`higgs_patch.higgs_audio_loss`), as long as each
-  micro-batch's loss is a mean. Not under DeepSpeed, which scales by its own accumulation steps.
+  step, which the Trainer summed as loss / d over the n micro-batches that made it (d from the
+  line's rule, read once at install), is scaled by d / n, and the value returned for logging is
+  corrected so that the logged loss is their mean; where d = n already (4.55 on, a bare model) it is
+  left as it is, so nothing is divided twice. Every shape of window is therefore one large batch's
+  update, whoever computes the loss (the default ``compute_loss``, a subclass reading the model's
+  loss, a subclass calling :func:`higgs_patch.higgs_audio_loss`), as long as each micro-batch's loss
+  is a mean. A loss the user scales (a ``compute_loss_func`` handed ``num_items_in_batch``,
+  ``loss_is_scaled_for_ga = True`` from 5.19) is left to them; so is DeepSpeed, which scales by its own
+  accumulation steps.
 - ``compute_loss``: with ``label_smoothing_factor`` set (and no ``compute_loss_func``), the labels
   stay in the batch and the model's own loss (model-loss) is smoothed, text and audio, the way the
   Trainer's smoother does it. A ``compute_loss_func`` is called exactly as transformers calls it.
@@ -42,6 +49,7 @@ import torch
 
 from .. import events
 from ..loss import step_losses, trainer_label_smoothing
+from .trainer_lines import Scaling, line_of
 
 HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
 
@@ -71,7 +79,11 @@ def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, A
 
 
 def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds."""
+    """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds.
+
+    The rule of the running transformers line is read here, once; a line no rule covers fails the install.
+    """
+    line = line_of(sys.modules["transformers"].__version__)
 
     def wrapper(wrapped, instance, args, kwargs):
         model, num_items_in_batch = _bind_training_step(*args, **kwargs)
@@ -81,11 +93,11 @@ def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any])
         with _recording() as losses:
             value = wrapped(*args, **kwargs)
         _components(instance).add_all(losses)
-        if not _corrects(instance, num_items_in_batch):
+        if not _accumulates(instance):
             return value
         window.add(value)
         if instance.accelerator.sync_gradients:
-            value = window.close(model, instance.args.gradient_accumulation_steps, value)
+            value = window.close(model, line.scaling(instance, num_items_in_batch), value)
         return value
 
     return wrapper
@@ -116,12 +128,11 @@ def holds_higgs_audio(model: Any) -> bool:
     return found
 
 
-def _corrects(trainer: Any, num_items_in_batch: Any) -> bool:
+def _accumulates(trainer: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return (
-        num_items_in_batch is None
-        and trainer.args.gradient_accumulation_steps > 1
+        trainer.args.gradient_accumulation_steps > 1
         and trainer.accelerator.distributed_type != DistributedType.DEEPSPEED
     )
 
@@ -157,18 +168,21 @@ class _Window:
         if value is not None:
             self.logged = self.logged + value.detach()
 
-    def close(self, model: torch.nn.Module, steps: int, value: Any) -> Any:
-        """Divide the accumulated gradient by the window's size; make the logged values their mean."""
+    def close(self, model: torch.nn.Module, scaling: Scaling, value: Any) -> Any:
+        """Make the accumulated gradient and the logged values the mean over the window's micro-batches."""
         count, logged = self.count, self.logged
         self.count, self.logged = 0, 0.0
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.div_(count)
-        if value is None:
+        if scaling.users:
             return value
-        # Each value was loss / steps; the window's values must sum to its mean loss instead.
-        return value + logged * (steps / count - 1)
+        if scaling.backward != count:  # the gradient is the sum of loss / backward over count micro-batches
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad.div_(count / scaling.backward)
+        if value is None or scaling.logged == count:
+            return value
+        # Each value was loss / logged; the window's values must sum to its mean loss instead.
+        return value + logged * (scaling.logged / count - 1)
 
 
 def _window(trainer: Any) -> _Window:
