@@ -17,6 +17,7 @@ import wrapt
 from packaging.specifiers import SpecifierSet
 
 import higgs_patch
+import needed
 from higgs_patch import declarations, engine, fingerprint
 from higgs_patch.slots import Slot
 
@@ -31,12 +32,20 @@ CALL = "boson_multimodal.data_collator.higgs_audio_collator:HiggsAudioSampleColl
 
 
 def current(default_only: bool = False) -> dict[str, object]:
-    """The object at every patch target now: raw class attributes, as the slots see them."""
+    """The object at every patch target this stack needs now: raw class attributes, as the slots see them
+    (an added name: absent, None)."""
     return {
-        target.path: wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
-        for declaration in engine.known().values() if declaration.default or not default_only
-        for target in declaration.targets
+        target.path: _object_at(target)
+        for declaration in needed.declarations(default_only) for target in declaration.targets
     }
+
+
+def _object_at(target) -> object:
+    holder, _, name = target.qualname.rpartition(".") if target.adds else ("", "", "")
+    if target.adds:
+        parent = wrapt.resolve_path(sys.modules[target.module], holder)[2] if holder else sys.modules[target.module]
+        return vars(parent).get(name)
+    return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
 
 
 ORIGINALS = current()
@@ -77,14 +86,17 @@ def test_every_default_patch_applied_before_any_import_is_accepted_and_installs_
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(data["before"].values()) == {"pending"}
-    assert set(data["after"].values()) == {"applied"} and data["after"].keys() == data["before"].keys()
+    off = needed.not_needed()
+    assert {pid for pid, state in data["before"].items() if state == "not-needed"} == off & data["before"].keys()
+    assert {state for pid, state in data["before"].items() if pid not in off} == {"pending"}
+    assert {state for pid, state in data["after"].items() if pid not in off} == {"applied"}
+    assert data["after"].keys() == data["before"].keys()
 
 
 def test_apply_wraps_every_default_target_and_revert_restores_the_originals_by_identity():
     report = higgs_patch.apply()
     assert {s.id for s in report} == {s.id for s in higgs_patch.status() if s.default}
-    assert all(s.state == "applied" for s in report)
+    assert all(s.state == ("not-needed" if s.id in needed.not_needed() else "applied") for s in report)
     assert all(now is not ORIGINALS[path] for path, now in current(default_only=True).items())
     assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
 
@@ -282,7 +294,11 @@ def test_every_shipped_declaration_resolves_to_a_factory_and_a_known_target():
         for target in declaration.targets:
             module_name, _, name = target.wrapper.partition(":")
             assert callable(getattr(__import__(module_name, fromlist=[name]), name))
-            assert Slot(target.path, sys.modules[target.module], target.qualname).original is not None
+    for declaration in needed.declarations():
+        for target in declaration.targets:
+            __import__(target.module)
+            slot = Slot(target.path, sys.modules[target.module], target.qualname, adds=target.adds)  # an added name: absent
+            assert slot.original is not None or target.adds
 
 
 # --- fingerprints ------------------------------------------------------------------------------------------
@@ -346,9 +362,11 @@ def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(data["before"].values()) == {"pending"}
+    off = needed.not_needed()
+    assert {state for pid, state in data["before"].items() if pid not in off} == {"pending"}
+    assert {data["before"][pid] for pid in off & data["before"].keys()} <= {"not-needed"}
     assert data["imported"] == []
-    assert set(data["after"].values()) == {"applied"}
+    assert {state for pid, state in data["after"].items() if pid not in off} == {"applied"}
     assert data["wrapped"] == "FunctionWrapper"
 
 
