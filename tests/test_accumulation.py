@@ -175,7 +175,10 @@ WINDOW_SHAPES = {
     "at an epoch end (k=3 over 5)": (5, 3, dict(max_steps=2), {"<4.47": [3, 3], ">=4.47": [3, 2]}),
     "an epoch shorter than the window": (2, 3, dict(num_train_epochs=2), {"<4.47": [2, 1], ">=4.47": [2, 2]}),
     "max_steps mid-epoch": (6, 2, dict(max_steps=2), {">=4.46": [2, 2]}),
-    "the last window of training": (4, 3, dict(num_train_epochs=2), {"<4.47": [3, 3], ">=4.47": [3, 1]}),
+    # from 4.52 an epoch of 4 counts as 2 updates (3 + 1), so 2 epochs make 4
+    "the last window of training": (
+        4, 3, dict(num_train_epochs=2), {"<4.47": [3, 3], ">=4.47,<4.52": [3, 1], ">=4.52": [3, 1, 3, 1]}
+    ),
 }
 
 # The Trainer alone, "at an epoch end (k=3 over 5)": each update as a multiple of the mean's, and the logged
