@@ -38,6 +38,7 @@ Every other model goes to the original methods untouched.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -45,7 +46,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import events
+from .. import environment, events
 from ..loss import higgs_audio_loss, step_losses, trainer_label_smoothing
 from . import model_loss
 
@@ -106,10 +107,10 @@ class _ScoresItsOutputs:
 
 
 def model_loss_weights() -> dict[str, float | None]:
-    """The loss weights model-loss was applied with (its declared defaults when it is not applied)."""
-    from .. import status
-
-    found = next((s.options for s in status() if s.id == "model-loss"), {})
+    """The loss weights model-loss is applied with in this process (none: the mean), as the engine
+    publishes them on every apply() and revert()."""
+    published = os.environ.get(environment.ACTIVATE)
+    found = environment.decode(published)[0].get("model-loss", {}) if published else {}
     return {name: model_loss.weight(found.get(name, False)) for name in model_loss.WEIGHTS}
 
 
