@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_community import HoldsTheModel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import higgs_patch
 import tiny
@@ -204,3 +204,29 @@ def test_from_pretrained_of_other_checkpoints_is_untouched(tmp_path):
     with higgs_patch.applied():
         loaded = tiny.HiggsAudioModel.from_pretrained(str(tmp_path / "bare"))
     torch.testing.assert_close(logits_of(loaded), logits_of(model), rtol=0, atol=0)
+
+
+class StepWeights(TrainerCallback):
+    def __init__(self, run) -> None:
+        self.run, self.seen = run, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(weights(self.run.model))
+
+
+@pytest.mark.parametrize("kind", INNER, ids=list(INNER))
+def test_load_best_model_at_end_loads_the_best_checkpoint_into_a_wrapper(tmp_path, kind):
+    """greater_is_better=True makes the first checkpoint the best while the loss falls: the end is not it."""
+    arguments = dict(max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+                     learning_rate=3e-2)
+    with higgs_patch.applied():
+        run = trainer(tmp_path, HoldsTheModel(INNER[kind]()), **arguments)
+        after_steps = StepWeights(run)
+        run.add_callback(after_steps)
+        run.train()
+        assert run.state.best_model_checkpoint.endswith("checkpoint-2")
+        best = HoldsTheModel(INNER[kind]())
+        trainer(tmp_path / "best", best)._load_from_checkpoint(run.state.best_model_checkpoint)
+    assert torch.equal(weights(run.model), weights(best))
+    assert not torch.equal(weights(run.model), after_steps.seen[-1])  # the weights after the last step
