@@ -72,12 +72,20 @@ def _specifier(text: str, where: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def tested() -> tuple[dict[str, str], ...]:
+    """The stacks the test suite ran with (compat/matrix.toml's [[tested]]), each as written there."""
+    source = f"compat/{MATRIX}"
+    data = _read(MATRIX, {"tested": list, "known-bad": list})
+    return tuple(dict(schema.check_mapping(stack, f"{source}: tested[{index}]", str))
+                 for index, stack in enumerate(data.get("tested", [])))
+
+
+@functools.lru_cache(maxsize=1)
 def known_bad() -> tuple[KnownBad, ...]:
     """The combinations compat/matrix.toml knows not to work."""
     source = f"compat/{MATRIX}"
     data = _read(MATRIX, {"tested": list, "known-bad": list})
-    for index, stack in enumerate(data.get("tested", [])):
-        schema.check_mapping(stack, f"{source}: tested[{index}]", str)
+    tested()
     rules = []
     for index, entry in enumerate(_tables(data, "known-bad", source, KNOWN_BAD_FIELDS,
                                           ("distribution", "works", "reason", "fix"))):
