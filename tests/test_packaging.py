@@ -68,13 +68,16 @@ def test_the_installed_stack_satisfies_the_plugin_as_it_is():
         assert requirement.specifier.contains(version, prereleases=True), f"{name} {version} vs {requirement}"
 
 
-def test_the_test_extra_allows_the_peft_of_every_tested_stack():
+def test_the_lora_extra_allows_the_peft_of_every_tested_stack_and_the_tests_run_it():
     extra = next(
         Requirement(text) for text in importlib.metadata.requires("higgs-patch")
-        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "test"})
+        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "lora"})
     )
+    tests = [Requirement(text) for text in importlib.metadata.requires("higgs-patch")
+             if Requirement(text).marker and Requirement(text).marker.evaluate({"extra": "test"})]
+    assert any(r.name == "higgs-patch" and r.extras == {"lora"} for r in tests)  # the tests run the peft users get
     for stack in upstream.tested():
-        assert extra.specifier.contains(stack["peft"]), f"the [test] extra excludes peft {stack['peft']}, tested"
+        assert extra.specifier.contains(stack["peft"]), f"the [lora] extra excludes peft {stack['peft']}, tested"
 
 
 @pytest.mark.core
