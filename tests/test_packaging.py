@@ -40,7 +40,7 @@ def test_the_plugin_allows_every_guarded_version_the_upstream_allows_and_every_n
         floors = [s.version for s in theirs[name].specifier if s.operator in (">=", ">", "==", "~=")]
         assert all(spec.contains(floor) for floor in floors), f"{ours[name]} excludes the upstream's {theirs[name]}"
     for stack in upstream.tested():
-        version = stack["transformers"].split()[0]
+        version = stack.versions["transformers"].split()[0]
         assert ours["transformers"].specifier.contains(version), f"{ours['transformers']} excludes tested {version}"
     assert "torchaudio" not in ours  # it pins its torch exactly: requiring it could replace the user's torch
 
@@ -77,7 +77,8 @@ def test_the_lora_extra_allows_the_peft_of_every_tested_stack_and_the_tests_run_
              if Requirement(text).marker and Requirement(text).marker.evaluate({"extra": "test"})]
     assert any(r.name == "higgs-patch" and r.extras == {"lora"} for r in tests)  # the tests run the peft users get
     for stack in upstream.tested():
-        assert extra.specifier.contains(stack["peft"]), f"the [lora] extra excludes peft {stack['peft']}, tested"
+        peft = stack.versions["peft"]
+        assert extra.specifier.contains(peft), f"the [lora] extra excludes peft {peft}, tested on {stack.line}"
 
 
 @pytest.mark.core

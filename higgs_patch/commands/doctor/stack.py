@@ -176,7 +176,7 @@ def newest_tested(distribution: str) -> Version | None:
     found = []
     for stack in upstream.tested():
         try:
-            found.append(Version(stack.get(distribution, "").split()[0]))
+            found.append(Version(stack.versions.get(distribution, "").split()[0]))
         except (InvalidVersion, IndexError):
             continue
     return max(found, default=None)
