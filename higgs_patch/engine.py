@@ -60,6 +60,7 @@ class _Record:
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
     refusal: PatchError | None = None  # raised again in every import of ``blocking`` until revert()
     blocking: set[str] = field(default_factory=set)
+    preceded: set[str] | None = None  # the before_import modules not yet imported when it was first installed
 
 
 _lock = threading.RLock()  # records, slots, waiting lists; never held while waiting for an import
@@ -367,7 +368,7 @@ def _install(declaration: Declaration, record: _Record, modules: Mapping[str, Mo
     record.state = "applied"
     record.reason = "forced over unrecognised upstream" if record.warnings else ""
     log.info("patch %s %s applied to %s", declaration.id, declaration.version, ", ".join(t.path for t in declaration.targets))
-    _after_import(declaration)
+    _after_import(declaration, record)
     return True
 
 
@@ -376,9 +377,13 @@ def _not_needed(declaration: Declaration, record: _Record, reason: str) -> None:
     log.info("patch %s %s %s", declaration.id, declaration.version, reason)
 
 
-def _after_import(declaration: Declaration) -> None:
-    """Say so when a module this patch must precede was imported before it (what it built, it built unpatched)."""
-    early = [name for name in declaration.before_import if _complete(name, sys.modules.get(name))]
+def _after_import(declaration: Declaration, record: _Record) -> None:
+    """Say so when a module this patch must precede was imported before it was first in place (what that
+    import built, it built unpatched)."""
+    imported = {name for name in declaration.before_import if _complete(name, sys.modules.get(name))}
+    if record.preceded is None:
+        record.preceded = set(declaration.before_import) - imported
+    early = sorted(imported - record.preceded)
     if early:
         log.warning(
             "(applied-after-import) patch %s must be in place before %s is imported, and it was imported "

@@ -167,6 +167,19 @@ class Slot:
         return layers[-1](call, instance, args, kwargs)
 
 
+def object_at(module: ModuleType, qualname: str, adds: bool = False) -> object | None:
+    """What stands at a target now, as a slot sees it (a raw class attribute); for a name a patch adds,
+    what stands there, or None where it is absent (a module added to a package: its sys.modules entry)."""
+    if not adds:
+        return wrapt.resolve_path(module, qualname)[2]
+    holder, _, name = qualname.rpartition(".")
+    parent = wrapt.resolve_path(module, holder)[2] if holder else module
+    found = vars(parent).get(name) if inspect.isclass(parent) or isinstance(parent, ModuleType) else getattr(parent, name, None)
+    if found is None and isinstance(parent, ModuleType):
+        found = sys.modules.get(f"{parent.__name__}.{name}")
+    return found
+
+
 def _refuse_present(parent: object, name: str, path: str) -> None:
     """Raise :class:`AlreadyThere` when ``parent`` has ``name`` (inherited, or a submodule on disk, counts)."""
     present = name in vars(parent) if not inspect.isclass(parent) else hasattr(parent, name)
