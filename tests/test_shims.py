@@ -200,6 +200,27 @@ def test_plain_llama_layers_get_an_attention_implementation():
             higgs_patch.apply("text-config-attention")
 
 
+def test_the_audio_tower_computes_4_46s_loss():
+    """The Whisper path (skip_audio_tower=False): from 5.0 boson's encoder calls its layers as 4.46 did."""
+    import types
+
+    from transformers import WhisperFeatureExtractor
+
+    processor = types.SimpleNamespace(feature_extractor=WhisperFeatureExtractor(feature_size=128))
+    collate = tiny.DictCollator(tiny.collator(encode_whisper_embed=True, whisper_processor=processor))
+    batch = collate(tiny.samples(2, waveform_rate=16000))
+    with higgs_patch.applied("forward-kwargs-filter", "model-loss"):
+        model = tiny.model(skip_audio_tower=False, encode_whisper_embed=True)
+        assert model(**batch).loss.item() == pytest.approx(4.543644, rel=1e-6)  # 4.46.3's
+        if "whisper-layer-calls" in needed.shims():
+            higgs_patch.revert("whisper-layer-calls")
+            try:
+                with pytest.raises((TypeError, RuntimeError)):
+                    model(**batch)
+            finally:
+                higgs_patch.apply("whisper-layer-calls")
+
+
 # --- generation: each shim's breakage, and the cache buckets --------------------------------------------------
 
 
