@@ -1,7 +1,7 @@
 """cache-max-cache-shape (transformers 5.20 and later)
 
-Symptom: ``AttributeError: 'DynamicCache' object has no attribute 'get_max_cache_shape'`` in the
-second forward of ``HiggsAudioModel.generate`` (every forward that is given a cache).
+Symptom: ``AttributeError: 'StaticCache' object has no attribute 'get_max_cache_shape'`` when
+``HiggsAudioModel.generate`` runs with a static cache (the serve engine's, cache buckets).
 
 Cause: boson reads a cache's size with ``get_max_cache_shape()`` in its forward, its static-cache
 masks and its cache-bucket promotion; 5.16 deprecated it for ``get_max_length()`` and 5.20 removed it.

@@ -1,7 +1,8 @@
 """generation-attention-mask (transformers 5.18 and later)
 
-Symptom: ``HiggsAudioModel.generate`` fails in its first forward, in boson's
-``merge_input_ids_with_audio_features`` (``attention_mask`` is None), for a prompt without padding.
+Symptom: ``AttributeError: 'NoneType' object has no attribute 'dtype'`` in the first forward of
+``HiggsAudioModel.generate`` (boson's ``merge_input_ids_with_audio_features`` is given no attention mask),
+for a prompt without padding.
 
 Cause: from 5.18 ``generate()`` replaces an attention mask of all ones by None before it starts the
 decoding loop (the model is then expected to need none). Boson's loop and forward use the mask to
