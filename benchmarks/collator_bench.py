@@ -26,7 +26,7 @@ REFERENCE_FRAMES, TARGET_FRAMES = 4 * FRAME_RATE, 6 * FRAME_RATE
 
 
 def sample(seed: int, whisper: bool):
-    from higgs_patch.tiny import AUDIO_IN, AUDIO_OUT, ChatMLDatasetSample
+    from higgs_patch.commands.tiny import AUDIO_IN, AUDIO_OUT, ChatMLDatasetSample
 
     g = torch.Generator().manual_seed(seed)
     prompt, answer = 48, 16
@@ -50,7 +50,7 @@ def sample(seed: int, whisper: bool):
 
 
 def collator(whisper: bool):
-    from higgs_patch import tiny
+    from higgs_patch.commands import tiny
 
     options = dict(audio_num_codebooks=CODEBOOKS, audio_stream_bos_id=CODES, audio_stream_eos_id=CODES + 1)
     if whisper:

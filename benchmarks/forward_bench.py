@@ -1,6 +1,6 @@
 """Benchmark 3: the ``forward-kwargs-filter`` patch on ``HiggsAudioModel.forward``.
 
-- A tiny real model's forward (``higgs_patch.tiny``, eval mode, no grad, so the wrapper's share is
+- A tiny real model's forward (``higgs_patch.commands.tiny``, eval mode, no grad, so the wrapper's share is
   as large as it gets) without and with the patch: with the same keyword arguments (the patch's
   fast path), and with what the Trainer / PEFT pass (``labels`` instead of ``label_ids`` and
   ``num_items_in_batch``) against the unpatched forward called with the equivalent ``label_ids``.
@@ -91,7 +91,7 @@ def _wrapper_calls(number: int) -> dict[str, float]:
 
 
 def run(quick: bool) -> list[Row]:
-    from higgs_patch import tiny
+    from higgs_patch.commands import tiny
 
     repeats = 60 if quick else 400
     model = tiny.model().eval()

@@ -31,7 +31,7 @@ import time
 import torch
 
 import higgs_patch
-from higgs_patch import tiny
+from higgs_patch.commands import tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +69,7 @@ def check_collate(device: str) -> dict:
 SPAWN = """
 import json, sys, torch
 from torch.utils.data import DataLoader
-from higgs_patch import tiny
+from higgs_patch.commands import tiny
 
 def batches(workers, device):
     loader = DataLoader(tiny.samples(8, device=device), batch_size=2, num_workers=workers,
@@ -172,7 +172,7 @@ def check_released(device: str, quick: bool) -> dict:
     sys.path.insert(0, HERE)
     import memory_bench
 
-    from higgs_patch import memory
+    from higgs_patch.commands import memory
 
     layers, positions = (1, 128) if quick else (memory.LAYERS, 4096)
     higgs_patch.apply()

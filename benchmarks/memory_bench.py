@@ -8,7 +8,7 @@ token). Four variants: plain, checkpointing (``gradient_checkpointing_enable()``
 default: reentrant), sparse-text-logits, both. Each runs in a fresh interpreter: a warm-up step on a
 short sample, then one measured step (forward, ``higgs_audio_loss``, backward): its peak RSS growth,
 its CPU time, and the bytes it saved for backward (distinct storages, parameters excluded), per
-decoder layer and outside them. The memory model (``higgs_patch.memory``) is checked against it.
+decoder layer and outside them. The memory model (``higgs_patch.commands.memory``) is checked against it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ LAYERS = 2  # run.py --layers sets it
 def model(layers: int, device: str = "cpu"):
     from peft import LoraConfig, get_peft_model
 
-    from higgs_patch import memory, tiny
+    from higgs_patch.commands import memory, tiny
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 1.2 B parameters on the way
@@ -47,7 +47,7 @@ def model(layers: int, device: str = "cpu"):
         from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel
 
         with torch.device(device):
-            # the special token ids of higgs_patch.tiny's samples, which build the batch
+            # the special token ids of higgs_patch.commands.tiny's samples, which build the batch
             settings = {name: getattr(tiny.config(), name) for name in SPECIAL_TOKEN_IDS}
             net = HiggsAudioModel(memory.released_config(layers, **settings))
     finally:
@@ -58,7 +58,7 @@ def model(layers: int, device: str = "cpu"):
 
 def batch(positions: int = POSITIONS) -> dict:
     """One voice-clone sample of ``positions`` expanded positions: prompt, reference, target, a 41-token answer."""
-    from higgs_patch import memory, tiny
+    from higgs_patch.commands import memory, tiny
 
     audio = (positions - PROMPT - ANSWER - 4) // 2  # each segment adds its bos and eos frames
     if audio < 1:
@@ -153,7 +153,7 @@ def measure(name: str, layers: int, quick: bool) -> dict:
 
 
 def run(quick: bool) -> list[Row]:
-    from higgs_patch import memory
+    from higgs_patch.commands import memory
 
     layers = LAYERS
     found = {name: run_child("memory_bench.py", "--memory", name, "--layers", str(layers), *(["--quick"] if quick else []),

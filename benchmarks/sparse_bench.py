@@ -24,13 +24,13 @@ VARIANTS = {"dense": (), "sparse": ("sparse-text-logits",)}
 
 
 def model():
-    from higgs_patch import tiny
+    from higgs_patch.commands import tiny
 
     return tiny.model(text_config={**tiny.config().text_config.to_dict(), "vocab_size": VOCAB}).train()
 
 
 def batch(reference: int = REFERENCE, target: int = TARGET) -> dict:
-    from higgs_patch import tiny
+    from higgs_patch.commands import tiny
 
     sample = tiny.sample(text=PROMPT, reference=reference, target=target, answer=ANSWER)
     return tiny.DictCollator(tiny.collator(round_to=1))([sample])

@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping
 
 import wrapt
 
-from . import declarations, environment, gate, startup, upstream
+from . import declarations, environment, events, gate, upstream
 from .declarations import Declaration
 from .errors import IncompatibleUpstreamError, OptionError, PatchError
 from .slots import Layer, Slot
@@ -256,11 +256,10 @@ def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modu
     _unblock(declaration.id, record)
     own = {name: modules[name] for name in declaration.modules}
     options = {**declaration.defaults, **chosen}
-    try:
-        warnings = gate.require_stack(declaration, force) + gate.require_known_code(declaration, force, own)
-    except PatchError as exc:
-        _refuse(declaration, record, exc)
-        raise
+    verdict = gate.judge(declaration, force, own)
+    if verdict.refusal is not None:
+        _refuse(declaration, record, verdict.refusal)
+    warnings = verdict.accept()
     record.options, record.force, record.warnings = options, force, []
     record.missing = {name for name, module in own.items() if module is None}
     if not record.missing:
@@ -321,7 +320,7 @@ def _arrived(patch_id: str, name: str, module: ModuleType) -> PatchError | None:
         return None
     modules = {m: module if m == name else sys.modules.get(m) for m in declaration.modules}
     try:
-        _install(declaration, record, modules, gate.require_known_code(declaration, record.force, modules))
+        _install(declaration, record, modules, gate.judge(declaration, record.force, modules, stack=False).accept())
         return None
     except PatchError as exc:
         failure = exc
@@ -457,7 +456,7 @@ def _publish() -> None:
     active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending") or r.blocking}
     if active:
         force = any(_records[pid].force for pid in active)
-        os.environ[environment.ACTIVATE] = startup.encode(active, force)
+        os.environ[environment.ACTIVATE] = environment.encode(active, force)
     else:
         os.environ.pop(environment.ACTIVATE, None)
 
@@ -479,3 +478,6 @@ def _status(declaration: Declaration) -> PatchStatus:
         targets=tuple(t.path for t in declaration.targets),
         options=dict(record.options or declaration.defaults),
     )
+
+
+events.listen(events.TRAINING_STARTS, status)  # a replaced target is told when training starts

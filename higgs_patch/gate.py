@@ -12,7 +12,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
-import logging
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -25,8 +24,6 @@ from . import environment, fingerprint, upstream
 from .install_advice import install_fix
 from .declarations import Declaration, Target
 from .errors import IncompatibleUpstreamError
-
-log = logging.getLogger("higgs_patch")
 
 FORCE_HOW = f"force=True to apply(), or {environment.FORCE}=1"
 VERSION_RISK = (
@@ -145,12 +142,62 @@ def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | Non
     return checks
 
 
-def require_stack(declaration: Declaration, force: bool) -> list[str]:
-    """Raise unless the stack meets the declaration; return the warnings a forced pass carries.
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's decision on one patch and what it rests on; apply() and doctor both read it.
 
-    A distribution that is not installed and whose code cannot be imported either cannot be forced.
+    ``problems`` are what stands in the way (version conflicts, unknown code, code that could not be
+    fingerprinted: ``unreadable``); a patch with problems is refused, or, when forced, passes with
+    ``warnings`` that say what forcing risks.
     """
-    found = conflicts(declaration)
+
+    conflicts: tuple[Conflict, ...]
+    code: tuple[CodeCheck, ...]
+    unreadable: str | None
+    problems: tuple[str, ...]
+    refusal: IncompatibleUpstreamError | None
+    warnings: tuple[str, ...]
+
+    @property
+    def applies(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def forced(self) -> bool:
+        return self.applies and bool(self.problems)
+
+    def accept(self) -> list[str]:
+        """The warnings a pass carries; the refusal, raised."""
+        if self.refusal is not None:
+            raise self.refusal
+        return list(self.warnings)
+
+
+def judge(declaration: Declaration, force: bool, modules: Mapping[str, ModuleType | None] | None = None,
+          *, stack: bool = True) -> Verdict:
+    """Check the stack (unless ``stack`` is False: decided already) and the code of every fingerprinted target.
+
+    ``modules`` as for :func:`code_checks`. Forcing (``force`` or HIGGS_PATCH_FORCE=1) passes what it can
+    help with; a distribution that is not installed and whose code cannot be imported either cannot be forced.
+    """
+    upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
+    found = conflicts(declaration) if stack else []
+    unreadable = None
+    try:
+        checks = code_checks(declaration, modules)
+    except (OSError, LookupError, SyntaxError, ValueError, AttributeError, ImportError) as exc:
+        # no source file, a target gone, unparsable code: unknown code, refused like any other
+        checks, unreadable = [], f"cannot fingerprint its targets: {type(exc).__name__}: {exc}"
+    unknown = [str(check) for check in checks if not check.matches] + ([unreadable] if unreadable else [])
+    problems = tuple(str(conflict) for conflict in found) + tuple(unknown)
+    try:
+        warnings = _stack_verdict(declaration, found, force) + _code_verdict(declaration, unknown, force)
+    except IncompatibleUpstreamError as exc:
+        return Verdict(tuple(found), tuple(checks), unreadable, problems, exc, ())
+    return Verdict(tuple(found), tuple(checks), unreadable, problems, None, tuple(warnings))
+
+
+def _stack_verdict(declaration: Declaration, found: list[Conflict], force: bool) -> list[str]:
     if not found:
         return []
     problems = [str(conflict) for conflict in found]
@@ -164,16 +211,7 @@ def require_stack(declaration: Declaration, force: bool) -> list[str]:
     return _verdict(declaration, what, problems, fix, VERSION_RISK, force)
 
 
-def require_known_code(
-    declaration: Declaration, force: bool, modules: Mapping[str, ModuleType | None] | None = None
-) -> list[str]:
-    """Raise unless every fingerprinted target is known code; return the warnings a forced pass carries."""
-    upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
-    try:
-        problems = [str(check) for check in code_checks(declaration, modules) if not check.matches]
-    except (OSError, LookupError, SyntaxError, ValueError, AttributeError, ImportError) as exc:
-        # no source file, a target gone, unparsable code: unknown code, refused like any other
-        problems = [f"cannot fingerprint its targets: {type(exc).__name__}: {exc}"]
+def _code_verdict(declaration: Declaration, problems: list[str], force: bool) -> list[str]:
     fix = (
         "fix: if you edited that code, undo the edit (or reinstall it); if it is a new upstream release, "
         "`higgs-patch fingerprint` prints what compat/fingerprints.toml needs once the tests pass on it"
@@ -182,20 +220,13 @@ def require_known_code(
 
 
 def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
-    """The ids among ``declarations`` that pass both checks now (code not yet imported is checked on import)."""
-    ids = []
-    for declaration in declarations:
-        if conflicts(declaration):
-            continue
-        if all(name in sys.modules for name in declaration.modules):
-            try:
-                if not all(check.matches for check in code_checks(declaration)):
-                    continue
-            except Exception as exc:  # cannot fingerprint: not offered, and refused when asked for
-                log.debug("patch %s not offered as applicable: %s", declaration.id, exc)
-                continue
-        ids.append(declaration.id)
-    return ids
+    """The ids among ``declarations`` that pass the gate now without forcing (code not yet imported is
+    read from its source, or checked on import)."""
+    return [
+        d.id for d in declarations
+        if not (verdict := judge(d, False, {name: sys.modules.get(name) for name in d.modules})).problems
+        and verdict.applies
+    ]
 
 
 def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:

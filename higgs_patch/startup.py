@@ -15,7 +15,6 @@ is wrong, and the process starts unpatched.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import site
@@ -32,34 +31,8 @@ log = logging.getLogger("higgs_patch")
 
 #: The start-up hook's file name, at the top of a site-packages directory.
 HOOK = "higgs_patch.pth"
-_FORM = '{"patches": {"<patch id>": {"<option>": <value>}}, "force": false}'
 
 _started = False
-
-
-def encode(patches: dict[str, dict[str, Any]], force: bool) -> str:
-    return json.dumps({"patches": patches, "force": force}, sort_keys=True)
-
-
-def decode(value: str) -> tuple[dict[str, dict[str, Any]], bool]:
-    """The patches and force flag in a HIGGS_PATCH_ACTIVATE value; ValueError saying what is wrong."""
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{value[:60]!r} is not JSON ({exc}); expected {_FORM}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("patches"), dict):
-        raise ValueError(f"{value[:60]!r} is not of the form {_FORM}")
-    unknown = sorted(set(data) - {"patches", "force"})
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; expected {_FORM}")
-    patches = data["patches"]
-    for patch_id, options in patches.items():
-        if not isinstance(options, dict):
-            raise ValueError(f"the options of patch {patch_id!r} must be a JSON object, got {json.dumps(options)}")
-    force = data.get("force", False)
-    if not isinstance(force, bool):
-        raise ValueError(f'"force" must be JSON true or false, got {json.dumps(force)}')
-    return dict(patches), force
 
 
 def process_startup() -> None:
@@ -70,7 +43,7 @@ def process_startup() -> None:
         return
     _started = True
     try:
-        patches, force = decode(value)
+        patches, force = environment.decode(value)
     except ValueError as exc:
         _report(f"{environment.ACTIVATE} is malformed and ignored, this process starts unpatched: {exc}")
         return

@@ -24,8 +24,9 @@ import wrapt
 from click.testing import CliRunner
 
 import higgs_patch
-from higgs_patch import doctor, engine, provenance
-from higgs_patch.cli import main
+from higgs_patch import engine
+from higgs_patch.commands import doctor, provenance
+from higgs_patch.commands.cli import main
 
 PATCH_IDS = list(engine.known())
 STACK = ["python", "platform", "torch", "torchaudio", "transformers", "accelerate", "peft", "wrapt", "boson_multimodal"]
@@ -35,7 +36,7 @@ COLLATOR = "boson_multimodal/data_collator/higgs_audio_collator.py"
 def command() -> list[str]:
     """The console script next to this interpreter, else the module."""
     script = Path(sys.executable).with_name("higgs-patch")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "higgs_patch.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "higgs_patch"]
 
 
 def run(*args: str, pythonpath: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -113,7 +114,7 @@ def test_list_names_every_patch(cli):
 
 def test_list_imports_no_torch():
     code = (
-        "import sys; from higgs_patch.cli import main\n"
+        "import sys; from higgs_patch.commands.cli import main\n"
         "try:\n    main(['list'])\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "heavy = [m for m in ('torch', 'transformers', 'boson_multimodal') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -396,7 +397,12 @@ def test_smoke_cuda_without_a_gpu_is_an_error(cli):
 @pytest.fixture
 def plugin_copy(tmp_path) -> Path:
     """A copy of the installed plugin, imported first from PYTHONPATH: its data files can be broken."""
-    shutil.copytree(Path(higgs_patch.__file__).parent, tmp_path / "higgs_patch", ignore=shutil.ignore_patterns("__pycache__"))
+    copy = tmp_path / "higgs_patch"
+    shutil.copytree(Path(higgs_patch.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for data in ("patches", "compat"):  # inside the package in a wheel; beside it in an editable install
+        if not (copy / data).is_dir():
+            shutil.copytree(str(resources.files(f"higgs_patch.{data}")), copy / data,
+                            ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
 

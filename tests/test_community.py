@@ -235,7 +235,7 @@ def test_unpatched_the_label_stripping_replacement_leaves_logits_and_labels_misa
 
 
 def test_doctor_in_that_process_shows_the_bypass(restore_forward):
-    from higgs_patch import doctor
+    from higgs_patch.commands import doctor
 
     with higgs_patch.applied():
         HiggsAudioModel.forward = maps_labels(HiggsAudioModel.forward)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from higgs_patch import learnability
+from higgs_patch.commands import learnability
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_targets_are_a_function_of_the_text_and_the_delay_pattern_is_on():
 def test_command_prints_the_table_and_passes():
     from click.testing import CliRunner
 
-    from higgs_patch.cli import main
+    from higgs_patch.commands.cli import main
 
     result = CliRunner().invoke(main, ["learnability"])
     assert result.exit_code == 0, result.output

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from higgs_patch import memory
-from higgs_patch.cli import main
+from higgs_patch.commands import memory
+from higgs_patch.commands.cli import main
 
 GIB = 2**30
 

@@ -151,7 +151,7 @@ def test_smoke_on_an_edited_upstream_gives_a_one_line_verdict_not_a_traceback(ed
 
 
 def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
-    code = "import sys; from higgs_patch.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
+    code = "import sys; from higgs_patch.commands.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
     done = python(code, pythonpath=without_upstream, flags=("-S",))
     report_ = json.loads(done.stdout)
     assert done.returncode == 1
@@ -163,7 +163,7 @@ def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
 
 def test_doctor_under_force_says_what_forcing_a_version_gate_risks(tmp_path):
     fake = fake_distribution(tmp_path, "transformers", "4.47.1")
-    code = "import sys; from higgs_patch.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
+    code = "import sys; from higgs_patch.commands.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
     report_ = json.loads(python(code, pythonpath=fake, env={"HIGGS_PATCH_FORCE": "1"}).stdout)
     patch = next(p for p in report_["patches"] if p["id"] == "trainer-compute-loss")
     verdict = next(c for c in patch["checks"] if c["name"] == "would apply")

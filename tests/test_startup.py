@@ -89,11 +89,11 @@ def hookless_python(tmp_path_factory) -> Path:
 
 
 def test_run_refuses_when_its_children_cannot_be_patched_and_doctor_says_so(hookless_python):
-    refused = run([str(hookless_python), "-m", "higgs_patch.cli", "run", "--", str(hookless_python), "-c", "pass"])
+    refused = run([str(hookless_python), "-m", "higgs_patch", "run", "--", str(hookless_python), "-c", "pass"])
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "cannot patch the processes it starts: no higgs_patch.pth in" in refused.stderr
     assert "pip install -e ." in refused.stderr
-    done = run([str(hookless_python), "-m", "higgs_patch.cli", "doctor", "--json"])
+    done = run([str(hookless_python), "-m", "higgs_patch", "doctor", "--json"])
     report = json.loads(done.stdout)
     hook = next(c for c in report["checks"] if c["name"] == "start-up hook")
     assert hook["level"] == "warn" and "child processes start unpatched" in hook["detail"]

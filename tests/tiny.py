@@ -1,6 +1,6 @@
-"""The tests' tiny models, collators and samples: the built-in default of ``higgs_patch.tiny``."""
+"""The tests' tiny models, collators and samples: the built-in default of ``higgs_patch.commands.tiny``."""
 
-from higgs_patch.tiny import (  # noqa: F401 - re-exported for the tests
+from higgs_patch.commands.tiny import (  # noqa: F401 - re-exported for the tests
     AUDIO_BOS,
     AUDIO_EOS,
     AUDIO_IN,

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .. import events
 from ..loss import step_losses, trainer_label_smoothing
 
 HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
@@ -176,10 +177,8 @@ def _window(trainer: Any) -> _Window:
         starts = window is None or window.state is not trainer.state
         if starts:
             window = _windows[trainer] = _Window(trainer.state)
-    if starts:  # a new training run: say (once) if a patched function was replaced since apply()
-        from .. import status
-
-        status()
+    if starts:  # a new training run: the engine says (once) if a patched function was replaced since apply()
+        events.announce(events.TRAINING_STARTS)
     return window
 
 

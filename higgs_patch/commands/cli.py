@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from . import __version__, engine
-from .errors import PatchError
+from .. import __version__, engine
+from ..errors import PatchError
 
 log = logging.getLogger("higgs_patch")
 
@@ -270,7 +270,7 @@ def run(ids: tuple[str, ...], options: dict[str, Any], force: bool, command: tup
 
     For scripts you do not edit, torchrun included: higgs-patch run -- torchrun --nproc_per_node=2 train.py
     """
-    from . import startup
+    from .. import startup
 
     try:
         startup.exec_with_patches(list(command), ids, options, force)
@@ -312,9 +312,6 @@ def fingerprint(as_json: bool) -> None:
     else:
         click.echo(provenance.fingerprints_toml(releases), nl=False)
 
-
-if __name__ == "__main__":
-    main()
 
 
 @main.command()

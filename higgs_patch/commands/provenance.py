@@ -15,7 +15,7 @@ from typing import Any
 
 from packaging.utils import canonicalize_name
 
-from . import __version__, engine, fingerprint, gate, upstream
+from .. import __version__, engine, fingerprint, gate, upstream
 
 
 def distribution_of(package: str) -> importlib.metadata.Distribution | None:

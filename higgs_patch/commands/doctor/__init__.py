@@ -1,0 +1,81 @@
+"""``higgs-patch doctor``: verify an install without changing it.
+
+:func:`run` imports the stack, checks it, and dry-runs every patch in this process (apply, revert,
+originals back by identity); it returns a :class:`Report` that :func:`render` turns into text and
+:meth:`Report.as_json` into the ``--json`` document (its schema: :mod:`.report`). Nothing outside
+this process is touched. One module per kind of check: :mod:`.stack`, :mod:`.origin` (where the
+upstream comes from), :mod:`.hook` (the start-up hook), :mod:`.patches` (each patch, by the gate's
+own verdict); :mod:`.render` makes the text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from types import ModuleType
+from typing import Any
+
+from ... import engine, install_advice, upstream
+from ...errors import PatchError
+from . import hook, origin, stack
+from .patches import check_patch
+from .render import render
+from .report import FAIL, OK, SCHEMA, WARN, Check, PatchReport, Report, one_line
+
+__all__ = ["FAIL", "OK", "SCHEMA", "WARN", "Check", "PatchReport", "Report", "one_line", "render", "run"]
+
+
+def run() -> Report:
+    """Import the stack and every patch's module, check them, dry-run the patches; change nothing."""
+    facts: dict[str, Any] = {}
+    unreadable = _unreadable_data()
+    if unreadable:  # every other check reads this data: report the file, check nothing else
+        return Report(facts, [stack.check_python(facts), stack.check_platform(facts), *unreadable], [])
+    declarations = list(engine.known().values())
+    started = time.perf_counter()
+    imported = _import_all(["torch", "transformers", *(m for d in declarations for m in d.modules)])
+    import_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    checks = [
+        stack.check_python(facts),
+        stack.check_platform(facts),
+        stack.check_torch(facts, imported),
+        stack.check_torchaudio(facts),
+        stack.check_required(facts, "transformers", imported),
+        stack.check_required(facts, "accelerate", imported),
+        stack.check_optional(facts, "peft", "for LoRA"),
+        stack.check_wrapt(facts),
+        origin.check_upstream(facts, imported),
+        hook.check_startup_hook(facts),
+    ]
+    patches = [check_patch(d, imported) for d in declarations]
+    return Report(facts, checks, patches, import_seconds, time.perf_counter() - started)
+
+
+def _unreadable_data() -> list[Check]:
+    """A failed check for each of the plugin's data files that cannot be read (named, never a traceback)."""
+    failed = []
+    for name, load in (
+        ("patches/*.toml", engine.known),
+        ("compat/fingerprints.toml", upstream.knowledge),
+        ("compat/matrix.toml", upstream.known_bad),
+        (install_advice.SOURCE, install_advice.install_commands),
+    ):
+        try:
+            load()
+        except Exception as exc:  # reported as a failed check naming the file
+            message = str(exc) if isinstance(exc, PatchError) else f"{name}: {one_line(exc)}"
+            failed.append(Check("plugin data", FAIL, message, "fix or restore the file (reinstall higgs-patch)"))
+    return failed
+
+
+def _import_all(names: list[str]) -> dict[str, ModuleType | BaseException]:
+    """Each module, or the exception importing it raised (reported by the checks, never dropped)."""
+    found: dict[str, ModuleType | BaseException] = {}
+    for name in dict.fromkeys(names):
+        try:
+            found[name] = importlib.import_module(name)
+        except Exception as exc:
+            found[name] = exc
+    return found

@@ -1,0 +1,32 @@
+"""Moments the fixes announce and the engine listens for, so that no fix imports the engine.
+
+The fixes sit below the engine (pyproject.toml's import contracts); when one of them reaches a moment
+the engine cares about (a training run starts: say now if a patched function was replaced since
+``apply()``), it announces it here and the engine, which registered a listener at import, acts.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+#: A Trainer starts a training run with a Higgs Audio model.
+TRAINING_STARTS = "training-starts"
+
+_listeners: dict[str, list[Callable[[], object]]] = {}
+_lock = threading.Lock()
+
+
+def listen(event: str, callback: Callable[[], object]) -> None:
+    """Call ``callback`` whenever ``event`` is announced (once per callback, however often registered)."""
+    with _lock:
+        callbacks = _listeners.setdefault(event, [])
+        if callback not in callbacks:
+            callbacks.append(callback)
+
+
+def announce(event: str) -> None:
+    with _lock:
+        callbacks = list(_listeners.get(event, ()))
+    for callback in callbacks:
+        callback()
