@@ -13,7 +13,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from higgs_patch.cli import main
+from higgs_patch.commands.cli import main
 
 HUGE = "9" * 400
 
@@ -88,7 +88,7 @@ def commands() -> list[str]:
     return sorted(main.commands)
 
 
-@pytest.mark.parametrize("module", ["higgs_patch", "higgs_patch.cli"])
+@pytest.mark.parametrize("module", ["higgs_patch", "higgs_patch.commands.cli"])
 def test_every_command_is_reachable_with_python_m(module):
     for name in commands():
         done = subprocess.run([sys.executable, "-m", module, name, "--help"], capture_output=True, text=True,
@@ -105,3 +105,44 @@ def test_every_command_is_reachable_with_python_m(module):
 def test_the_command_list_is_the_documented_one():
     assert commands() == sorted(["list", "doctor", "smoke", "learnability", "fingerprint", "run", "memory"])
     assert isinstance(main, click.Group)
+
+
+# --- doctor: LoRA tried, not inferred ------------------------------------------------------------------
+
+
+def doctor_json(pythonpath=None) -> tuple[int, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HIGGS_PATCH_FORCE", "PYTHONPATH", "HIGGS_PATCH_ACTIVATE")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    done = subprocess.run([sys.executable, "-m", "higgs_patch", "doctor", "--json"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    return done.returncode, json.loads(done.stdout)
+
+
+def check(report: dict, name: str) -> dict:
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def test_doctor_tries_lora_on_this_install():
+    code, report = doctor_json()
+    lora = check(report, "peft LoRA")
+    assert code == 0 and lora["level"] == "ok" and "get_peft_model" in lora["detail"]
+    assert report["environment"]["peft_lora"] == {"works": True, "outcome": "ok"}
+
+
+def test_doctor_fails_a_peft_whose_lora_crashes_though_no_rule_knows_its_version(tmp_path):
+    """A peft that no known-bad rule names (0.17.1 is tested good), crashing as peft 0.18.1+ does on torch >= 2.5."""
+    (tmp_path / "peft-0.17.1.dist-info").mkdir()
+    (tmp_path / "peft-0.17.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.17.1\n")
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "__init__.py").write_text(
+        "import torch\n__version__ = '0.17.1'\n"
+        "class LoraConfig:\n    def __init__(self, **kwargs):\n        self.kwargs = kwargs\n"
+        "def get_peft_model(model, config):\n"
+        "    return isinstance(model.q_proj.weight, torch.distributed.tensor.DTensor)  # not imported first\n"
+    )
+    code, report = doctor_json(pythonpath=tmp_path)
+    assert check(report, "peft")["level"] == "ok"  # the version alone looks fine
+    lora = check(report, "peft LoRA")
+    assert lora["level"] == "fail" and "has no attribute 'tensor'" in lora["detail"] and "peft==0.13.2" in lora["fix"]
+    assert code == 1 and report["ok"] is False

@@ -24,6 +24,9 @@ PEFT, ``torch.compile``, a user's wrapper module):
 - ``compute_loss``: with ``label_smoothing_factor`` set (and no ``compute_loss_func``), the labels
   stay in the batch and the model's own loss (model-loss) is smoothed, text and audio, the way the
   Trainer's smoother does it. A ``compute_loss_func`` is called exactly as transformers calls it.
+  The factor is in force for the whole of each ``training_step`` and ``prediction_step`` too, so a
+  subclass's ``compute_loss`` (reading the model's loss, or calling ``higgs_audio_loss``) trains and
+  evaluates the same smoothed objective (``higgs_patch.loss.settings``).
 - ``log``: training logs also carry ``text_loss``, ``audio_loss`` and ``audio_loss_cb*``, the mean
   over the micro-batches since the last log of every Higgs Audio loss computed in training steps.
 
@@ -51,15 +54,11 @@ def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, A
 
     def wrapper(wrapped, instance, args, kwargs):
         model, inputs, return_outputs = _bind_compute_loss(*args, **kwargs)
-        smoother = getattr(instance, "label_smoother", None)
-        if smoother is None or getattr(instance, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
-            return wrapped(*args, **kwargs)
-        token = trainer_label_smoothing.set(float(smoother.epsilon))
-        try:
+        with _smoothing(instance, model) as smoothed:
+            if not smoothed:
+                return wrapped(*args, **kwargs)
             outputs = model(**inputs)
-        finally:
-            trainer_label_smoothing.reset(token)
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        loss = outputs[0] if isinstance(outputs, tuple) else outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
             raise ValueError(
                 "label_smoothing_factor is set but the Higgs Audio model returned no loss: apply the "
@@ -70,6 +69,32 @@ def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, A
     return wrapper
 
 
+def smooth_predictions(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.prediction_step``: evaluation losses are smoothed as training losses are,
+    whoever computes them (a subclass's compute_loss included)."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        with _smoothing(instance, args[0] if args else kwargs.get("model")):
+            return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _smoothing(trainer: Any, model: Any):
+    """The Trainer's ``label_smoothing_factor`` in force for every Higgs Audio loss computed inside (True),
+    unless it has none, its ``compute_loss_func`` computes the loss, or the model holds no Higgs Audio model."""
+    smoother = getattr(trainer, "label_smoother", None)
+    if smoother is None or getattr(trainer, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
+        yield False
+        return
+    token = trainer_label_smoothing.set(float(smoother.epsilon))
+    try:
+        yield True
+    finally:
+        trainer_label_smoothing.reset(token)
+
+
 def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):
     """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds."""
 
@@ -78,7 +103,7 @@ def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any])
         if not holds_higgs_audio(model):
             return wrapped(*args, **kwargs)
         window = _window(instance)
-        with _recording() as losses:
+        with _recording() as losses, _smoothing(instance, model):
             value = wrapped(*args, **kwargs)
         _components(instance).add_all(losses)
         if not _corrects(instance, num_items_in_batch):

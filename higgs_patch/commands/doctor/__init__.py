@@ -17,7 +17,7 @@ from typing import Any
 
 from ... import engine, install_advice, upstream
 from ...errors import PatchError
-from . import hook, origin, stack
+from . import hook, lora, origin, stack
 from .patches import check_patch
 from .render import render
 from .report import FAIL, OK, SCHEMA, WARN, Check, PatchReport, Report, one_line
@@ -44,7 +44,8 @@ def run() -> Report:
         stack.check_torchaudio(facts),
         stack.check_required(facts, "transformers", imported),
         stack.check_required(facts, "accelerate", imported),
-        stack.check_optional(facts, "peft", "for LoRA"),
+        peft := stack.check_optional(facts, "peft", "for LoRA"),
+        *filter(None, [lora.check_lora(facts, peft)]),
         stack.check_wrapt(facts),
         origin.check_upstream(facts, imported),
         hook.check_startup_hook(facts),
