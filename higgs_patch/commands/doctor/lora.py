@@ -3,7 +3,8 @@
 compat/matrix.toml knows the peft releases that crash on the torch it has seen; a crash it does not
 know (another torch, a new peft) would still pass a version check. So, when peft is installed and no
 rule already fails it, doctor wraps a one-layer module with LoRA in a fresh interpreter, as a training
-script would (torch and transformers imported first, nothing else): a few seconds, nothing written.
+script would (torch and transformers imported first, nothing else), while doctor imports the stack
+itself: a few seconds, counted with the imports, nothing written.
 A fresh interpreter, because doctor's own imports could hide the crash (peft 0.18 to 0.21 work once
 something has imported ``torch.distributed.tensor``).
 """
@@ -43,23 +44,38 @@ print("ok")
 """
 
 
-def check_lora(facts: dict[str, Any], version_check: Check) -> Check | None:
-    """None when there is nothing to try: peft not installed, or already failed by a known-bad rule."""
-    version = installed_version("peft")
-    if version is None or version_check.level == FAIL:
+def start() -> subprocess.Popen | None:
+    """Start the probe in a fresh interpreter, to run beside doctor's own imports; None without peft."""
+    if installed_version("peft") is None:
         return None
     env = {k: v for k, v in os.environ.items() if k != "HIGGS_PATCH_ACTIVATE"}
+    return subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def finish(probe: subprocess.Popen | None) -> str | None:
+    """The probe's outcome: "ok", or the one line saying what failed; None when none was started."""
+    if probe is None:
+        return None
     try:
-        done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
-                              timeout=TIMEOUT)
+        stdout, stderr = probe.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        outcome = f"did not finish in {TIMEOUT} s"
-    else:
-        lines = done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
-        outcome = "ok" if done.returncode == 0 else lines[-1]
+        probe.kill()
+        probe.communicate()
+        return f"did not finish in {TIMEOUT} s"
+    if probe.returncode == 0:
+        return "ok"
+    lines = stdout.strip().splitlines() or stderr.strip().splitlines() or [f"exit {probe.returncode}"]
+    return lines[-1]
+
+
+def check_lora(facts: dict[str, Any], version_check: Check, outcome: str | None) -> Check | None:
+    """None when there is nothing to report: peft not installed, or already failed by a known-bad rule."""
+    if outcome is None or version_check.level == FAIL:
+        return None
     facts["peft_lora"] = {"works": outcome == "ok", "outcome": outcome}
     if outcome == "ok":
-        return Check(CHECK, OK, f"get_peft_model wraps a one-layer module and trains it (peft {version})")
+        return Check(CHECK, OK, f"get_peft_model wraps a one-layer module and trains it (peft {installed_version('peft')})")
     known = next((rule for rule in upstream.known_bad() if rule.distribution == "peft"), None)
     fix = known.fix if known else "pip install a peft release that compat/matrix.toml lists as tested"
     return Check(CHECK, FAIL, f"get_peft_model on a one-layer module, in a fresh interpreter, failed: {outcome}", fix)
