@@ -180,36 +180,38 @@ _SCORED_OUTPUTS = ("logits", "audio_logits", "expanded_labels", "text_logit_posi
 _SCORED_BATCH = ("label_audio_ids",)
 
 
-def _scored_tensors(outputs: Any, batch: Any) -> tuple[tuple[Any, int], ...]:
-    """Each tensor the loss reads (weakly: the key keeps none alive), with its in-place version counter."""
+def _scored_tensors(outputs: Any, batch: Any) -> tuple["_Scored", ...]:
     found = [field(outputs, name) for name in _SCORED_OUTPUTS] + [field(batch, name) for name in _SCORED_BATCH]
-    return tuple((_Same(value), getattr(value, "_version", 0)) for value in found)
+    return tuple(_Scored(value) for value in found)
 
 
-def _remembered(outputs: Any, scored: tuple, chosen: LossSettings) -> HiggsAudioLoss | None:
-    for tensors, settings_then, result in getattr(outputs, _CACHE, ()):
-        if settings_then == chosen and _same(tensors, scored):
+def _remembered(outputs: Any, scored: tuple["_Scored", ...], chosen: LossSettings) -> HiggsAudioLoss | None:
+    for then, settings_then, result in getattr(outputs, _CACHE, ()):
+        if settings_then == chosen and all(old.same_as(new.value()) for old, new in zip(then, scored)):
             return result
     return None
 
 
-def _same(then: tuple, now: tuple) -> bool:
-    return all(a.found() is b.found() and version_a == version_b for (a, version_a), (b, version_b) in zip(then, now))
+class _Scored:
+    """One field the loss read, held weakly (a cache entry keeps no logits alive), with its in-place version."""
 
-
-class _Same:
-    """A weak reference to a tensor, or None where the field is absent."""
-
-    __slots__ = ("_ref",)
+    __slots__ = ("_ref", "_version")
 
     def __init__(self, value: Any) -> None:
-        self._ref = None if value is None else weakref.ref(value)
+        self._version = getattr(value, "_version", 0)
+        try:
+            self._ref = weakref.ref(value) if value is not None else None
+        except TypeError:  # not a tensor (the checks or the scoring refuse it): held as it is
+            self._ref = lambda: value
 
-    def found(self) -> Any:
+    def value(self) -> Any:
+        return None if self._ref is None else self._ref()
+
+    def same_as(self, value: Any) -> bool:
+        """Whether ``value`` is the very object read then, unchanged in place since."""
         if self._ref is None:
-            return None
-        value = self._ref()
-        return self if value is None else value  # a tensor gone since is the same as nothing there now
+            return value is None
+        return value is not None and self._ref() is value and getattr(value, "_version", 0) == self._version
 
 
 def _remember(outputs: Any, scored: tuple, chosen: LossSettings, result: HiggsAudioLoss) -> None:

@@ -36,14 +36,15 @@ def return_loss(original: Callable[..., Any], options: Mapping[str, Any]):
             return wrapped(*args, **kwargs)
         as_tuple = not _returns_dict(instance, kwargs)
         outputs = wrapped(*args, **{**kwargs, "return_dict": True}) if as_tuple else wrapped(*args, **kwargs)
-        if not isinstance(outputs, Mapping) or outputs.get("loss") is not None:
+        if not isinstance(outputs, Mapping):
             return outputs
-        upstream = outputs.to_tuple() if as_tuple else ()
-        result = higgs_audio_loss(outputs, kwargs, **weights)  # label smoothing: the Trainer's, while it computes
-        if as_tuple:
-            return (result.loss, *upstream)  # upstream's tuple, the loss first, as Hugging Face models return it
-        _put_first(outputs, _fields(result))
-        return outputs
+        if outputs.get("loss") is None:
+            upstream = outputs.to_tuple() if as_tuple else ()
+            result = higgs_audio_loss(outputs, kwargs, **weights)  # label smoothing: the Trainer's, while it computes
+            if as_tuple:
+                return (result.loss, *upstream)  # upstream's tuple, the loss first, as Hugging Face models return it
+            _put_first(outputs, _fields(result))
+        return outputs.to_tuple() if as_tuple else outputs
 
     return wrapper
 
