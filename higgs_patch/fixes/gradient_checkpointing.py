@@ -162,14 +162,15 @@ def _switch(model: Any) -> bool:
 
 
 def _tell_if_reverted() -> None:
-    """After a revert: say that models still switched on no longer recompute their decoder layers."""
+    """Once the patch is gone: say that models still switched on no longer recompute their decoder layers."""
     if in_force.options(PATCH) is not None:
         return
     models = [model for model in list(_switched_on) if getattr(model, SWITCH, False)]
     _switched_on.clear()
     if models:
         log.warning(
-            "(checkpointing-reverted) the gradient-checkpointing patch was reverted: %d model(s) with checkpointing "
+            "(checkpointing-reverted) the gradient-checkpointing patch is no longer applied (reverted, or its module "
+            "reloaded): %d model(s) with checkpointing "
             "switched on (is_gradient_checkpointing is True) no longer recompute their decoder layers in backward "
             "(upstream checkpoints only the audio tower). Call model.gradient_checkpointing_disable() to make the "
             "switch say so, or higgs_patch.apply() again to recompute them", len(models),
