@@ -106,7 +106,7 @@ def test_outside_a_trainer_no_label_smoothing_is_applied_unless_asked():
         smoothed = higgs_patch.higgs_audio_loss(outputs, batch, label_smoothing=EPSILON)
         plain = higgs_patch.higgs_audio_loss(dict(outputs), batch, label_smoothing=0.0)
     torch.testing.assert_close(outputs.loss, plain.loss)
-    assert abs(float(smoothed.loss) - float(plain.loss)) > 1e-4
+    assert abs(smoothed.loss.item() - plain.loss.item()) > 1e-4
 
 
 # --- item 6: the remembered loss is keyed on the tensors it scored -------------------------------------
