@@ -130,7 +130,7 @@ def test_a_replaced_logits_tensor_is_scored_afresh(how):
         after = higgs_patch.higgs_audio_loss(outputs, batch).loss
     expected = higgs_patch.higgs_audio_loss(dict(outputs), batch).loss
     torch.testing.assert_close(after, expected)
-    assert abs(float(after) - float(before)) > 1e-3
+    assert abs(after.item() - before.item()) > 1e-3
 
 
 def test_other_audio_labels_or_expanded_labels_are_scored_afresh():

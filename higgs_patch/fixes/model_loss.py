@@ -43,7 +43,7 @@ def return_loss(original: Callable[..., Any], options: Mapping[str, Any]):
             result = higgs_audio_loss(outputs, kwargs, **weights)  # label smoothing: the Trainer's, while it computes
             if as_tuple:
                 return (result.loss, *upstream)  # upstream's tuple, the loss first, as Hugging Face models return it
-            _put_first(outputs, _fields(result))
+            put_first(outputs, fields(result))
         return outputs.to_tuple() if as_tuple else outputs
 
     return wrapper
@@ -55,7 +55,7 @@ def _returns_dict(model: Any, kwargs: Mapping[str, Any]) -> bool:
     return bool(model.config.use_return_dict if chosen is None else chosen)
 
 
-def _fields(result: HiggsAudioLoss) -> dict[str, Any]:
+def fields(result: HiggsAudioLoss) -> dict[str, Any]:
     return {
         "loss": result.loss,
         "llm_loss": result.text,
@@ -64,7 +64,7 @@ def _fields(result: HiggsAudioLoss) -> dict[str, Any]:
     }
 
 
-def _put_first(outputs: Any, values: dict[str, Any]) -> None:
+def put_first(outputs: Any, values: dict[str, Any]) -> None:
     """Set fields of a model output in front of the others, in order (``outputs[0]`` is the loss)."""
     for name, value in reversed(values.items()):
         if value is not None:
