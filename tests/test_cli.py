@@ -24,6 +24,8 @@ import wrapt
 from click.testing import CliRunner
 
 import higgs_patch
+import needed
+from higgs_patch.slots import object_at
 from higgs_patch import engine
 from higgs_patch.commands import doctor, provenance
 from higgs_patch.commands.cli import main
@@ -135,7 +137,7 @@ def test_usage_errors_exit_2(cli):
 
 
 def test_doctor_passes_and_changes_nothing(cli):
-    originals = {t.path: wrapt.resolve_path(t.module, t.qualname)[2] for d in engine.known().values() for t in d.targets}
+    originals = {t.path: object_at(sys.modules[t.module], t.qualname, t.adds) for d in needed.declarations() for t in d.targets}
     result = cli("doctor", "--strict")
     assert result.exit_code == 0, result.output
     for name in STACK:
@@ -146,7 +148,7 @@ def test_doctor_passes_and_changes_nothing(cli):
     assert not marked(result.output, "✗") and not marked(result.output, "!")
     assert "doctor: all good" in result.output
     assert {s.state for s in higgs_patch.status()} == {"not-applied"}
-    now = {t.path: wrapt.resolve_path(t.module, t.qualname)[2] for d in engine.known().values() for t in d.targets}
+    now = {t.path: object_at(sys.modules[t.module], t.qualname, t.adds) for d in needed.declarations() for t in d.targets}
     assert all(now[path] is original for path, original in originals.items())
 
 

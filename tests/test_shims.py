@@ -91,10 +91,11 @@ def test_boson_imports_unpatched_only_where_no_shim_must_precede_it_and_with_app
         assert "ImportError" in unpatched.stderr or "ModuleNotFoundError" in unpatched.stderr
     else:
         assert unpatched.returncode == 0, unpatched.stderr
+    apply_first = f"higgs_patch.apply(*{needed.shims()!r})" if needed.shims() else "pass  # none needed here"
     patched = run_python(
         f"""
         import higgs_patch
-        higgs_patch.apply(*{needed.shims()!r})
+        {apply_first}
         import boson_multimodal.model.higgs_audio.modeling_higgs_audio
         print("imported")
         """
