@@ -25,9 +25,7 @@ from higgs_patch.commands.tiny import (  # noqa: F401 - re-exported for the test
 
 def without_audio_out(seed: int, keep_audio_in: bool = True) -> ChatMLDatasetSample:
     """A sample with no ``<|AUDIO_OUT|>``: text and a reference audio-in (ASR-like), or text alone."""
-    from higgs_patch.tiny import sample as make
-
-    full = make(seed=seed)
+    full = sample(seed=seed)
     keep = full.input_ids != AUDIO_OUT
     if not keep_audio_in:
         keep &= full.input_ids != AUDIO_IN
