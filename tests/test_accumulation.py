@@ -48,7 +48,7 @@ class ReadsModelLoss(Trainer):
 
 
 class CallsHiggsAudioLoss(Trainer):
-    """The README's advice for a trainer that overrides compute_loss: call higgs_audio_loss."""
+    """The docs' advice (docs/your-trainer.md) for a trainer that overrides compute_loss: call higgs_audio_loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: v for k, v in inputs.items() if k != "labels"}

@@ -14,11 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LINT = Path(sys.executable).with_name("lint-imports")
 
-pytestmark = pytest.mark.skipif(not LINT.is_file(), reason="import-linter is not installed (the [test] extra has it)")
 
 
 def lint(source: Path) -> subprocess.CompletedProcess:
     """``lint-imports`` with this repository's contracts, on the ``higgs_patch`` package found in ``source``."""
+    assert LINT.is_file(), f"no {LINT}: install the [test] extra, which has import-linter"
     env = {**os.environ, "PYTHONPATH": str(source)}
     env.pop("PYTHONSAFEPATH", None)
     return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=source, env=env,

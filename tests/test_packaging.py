@@ -36,19 +36,22 @@ def test_the_installed_stack_satisfies_the_plugin_as_it_is():
         assert requirement.specifier.contains(version, prereleases=True), f"{name} {version} vs {requirement}"
 
 
-def test_the_test_extra_allows_no_peft_that_compat_knows_breaks_lora_on_this_torch():
+def test_the_lora_extra_allows_no_peft_that_compat_knows_breaks_lora_on_this_torch():
     from packaging.specifiers import SpecifierSet
 
     from higgs_patch import upstream
 
     extra = next(
         Requirement(text) for text in importlib.metadata.requires("higgs-patch")
-        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "test"})
+        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "lora"})
     )
+    tests = [Requirement(text) for text in importlib.metadata.requires("higgs-patch")
+             if Requirement(text).marker and Requirement(text).marker.evaluate({"extra": "test"})]
+    assert any(r.name == "higgs-patch" and r.extras == {"lora"} for r in tests)  # the tests run the peft users get
     rule = next(r for r in upstream.known_bad() if r.distribution == "peft")
     torch_version = importlib.metadata.version("torch")
     assert all(SpecifierSet(spec).contains(torch_version, prereleases=True) for spec in rule.when.values())
     for version in ("0.18.0", "0.19.1", "0.20.0", "0.21.2"):
         assert not SpecifierSet(rule.works).contains(version)
-        assert not extra.specifier.contains(version), f"the [test] extra allows peft {version}, known to break LoRA"
+        assert not extra.specifier.contains(version), f"the [lora] extra allows peft {version}, known to break LoRA"
     assert extra.specifier.contains(importlib.metadata.version("peft"))

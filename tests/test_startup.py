@@ -138,7 +138,9 @@ def test_run_without_a_command_is_a_clear_error():
 
 
 def readme_run_examples() -> list[str]:
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    """The ``higgs-patch run ... python train.py`` examples of the README and docs/ (Every process)."""
+    lines = [line for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for line in page.read_text(encoding="utf-8").splitlines()]
     return [line for line in lines if line.startswith("higgs-patch run ") and line.endswith("python train.py")]
 
 
@@ -151,7 +153,7 @@ print(json.dumps({s.id: [s.state, s.options] for s in higgs_patch.status()}))
 
 @pytest.mark.parametrize("example", readme_run_examples() or ["(none found)"])
 def test_the_readmes_run_examples_work_as_written_with_a_script_that_calls_apply(example, tmp_path):
-    assert example.startswith("higgs-patch run"), "the README lost its `higgs-patch run ... python train.py` examples"
+    assert example.startswith("higgs-patch run"), "docs/processes.md lost its `higgs-patch run ... python train.py` examples"
     (tmp_path / "train.py").write_text(TRAIN)
     words = shlex.split(example)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `python` is this environment's

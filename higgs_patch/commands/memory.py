@@ -24,7 +24,7 @@ LoRA activation figures (an upper bound: no fp32 copies of adapter inputs). Acti
 linearly with positions x batch. Not counted: the CUDA context, the batch itself.
 
 Checked by the benchmark: figures from its 2-layer run predict the peak growth of each variant at 2
-and at 4 layers within 15% (README, "What fits where").
+and at 4 layers within 15% (docs/memory.md).
 """
 
 from __future__ import annotations
