@@ -13,10 +13,11 @@ supervised text position, listed in ``text_logit_positions``; the same function 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -132,12 +133,22 @@ def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
     )
 
 
-@torch.compiler.disable
 def _host_counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
-    """The supervised token counts as Python ints, which decide the components present. Outside any
-    compiled graph: torch 2.9's dynamo otherwise raises GuardOnDataDependentSymNode on the branch."""
+    """The supervised token counts as Python ints, which decide the components present. Read outside
+    any compiled graph: torch 2.9's dynamo otherwise raises GuardOnDataDependentSymNode on the branch."""
+    if torch.compiler.is_compiling():
+        return _outside_the_graph()(text_count, audio_count)
+    return _counts(text_count, audio_count)
+
+
+def _counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
     text_tokens, audio_tokens = torch.stack([text_count, audio_count]).tolist()
     return int(text_tokens), int(audio_tokens)
+
+
+@functools.cache
+def _outside_the_graph() -> Callable[[torch.Tensor, torch.Tensor], tuple[int, int]]:
+    return torch.compiler.disable(_counts)  # made on first use: the decorator imports dynamo (seconds)
 
 
 def _remembered(outputs: Any, batch: Any, key: tuple) -> HiggsAudioLoss | None:
