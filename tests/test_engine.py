@@ -304,7 +304,7 @@ def test_a_patch_failing_mid_apply_leaves_no_patch_of_that_call_applied(monkeypa
     def broken(original, options):
         raise RuntimeError("factory broke")
 
-    monkeypatch.setattr(trainer_compute_loss, "honour_label_smoothing", broken)
+    monkeypatch.setattr(trainer_compute_loss, "compute_higgs_loss", broken)
     with pytest.raises(higgs_patch.PatchError, match="trainer-compute-loss.*factory broke"):
         higgs_patch.apply("forward-kwargs-filter", "device-tensor-factory", "trainer-compute-loss")
     assert all(state != "applied" for state in states().values())
@@ -559,7 +559,7 @@ def test_a_patch_that_fails_while_installing_on_import_is_named_and_refuses_ever
         def broken(original, options):
             raise ValueError("factory broke")
 
-        trainer_compute_loss.honour_label_smoothing = broken
+        trainer_compute_loss.compute_higgs_loss = broken
         higgs_patch.apply("trainer-compute-loss")
         outcomes = []
         for _ in range(2):

@@ -24,10 +24,11 @@ from typing import Any, Callable, Mapping
 from ..loss import HiggsAudioLoss, higgs_audio_loss, trainer_label_smoothing
 
 LABELS = ("label_ids", "labels", "label_audio_ids")
+WEIGHTS = ("text_loss_weight", "audio_loss_weight")
 
 
 def return_loss(original: Callable[..., Any], options: Mapping[str, Any]):
-    weights = {name: _weight(options[name]) for name in ("text_loss_weight", "audio_loss_weight")}
+    weights = {name: weight(options[name]) for name in WEIGHTS}
 
     def wrapper(wrapped, instance, args, kwargs):
         outputs = wrapped(*args, **kwargs)
@@ -36,17 +37,17 @@ def return_loss(original: Callable[..., Any], options: Mapping[str, Any]):
         if outputs.get("loss") is not None:
             return outputs
         result = higgs_audio_loss(outputs, kwargs, **weights, label_smoothing=trainer_label_smoothing.get())
-        _put_first(outputs, _fields(result))
+        put_first(outputs, fields(result))
         return outputs
 
     return wrapper
 
 
-def _weight(value: Any) -> float | None:
+def weight(value: Any) -> float | None:
     return None if value is False or value is None else float(value)
 
 
-def _fields(result: HiggsAudioLoss) -> dict[str, Any]:
+def fields(result: HiggsAudioLoss) -> dict[str, Any]:
     return {
         "loss": result.loss,
         "llm_loss": result.text,
@@ -55,7 +56,7 @@ def _fields(result: HiggsAudioLoss) -> dict[str, Any]:
     }
 
 
-def _put_first(outputs: Any, values: dict[str, Any]) -> None:
+def put_first(outputs: Any, values: dict[str, Any]) -> None:
     """Set fields of a model output in front of the others, in order (``outputs[0]`` is the loss)."""
     for name, value in reversed(values.items()):
         if value is not None:

@@ -2,14 +2,16 @@
 
 Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step, and
 an epoch end can make one update weigh its micro-batches 1/2, 1/2, 1/3; the Trainer's
-``label_smoothing_factor`` scores expanded logits against raw labels; the training logs show one
-number where text and audio losses move apart.
+``label_smoothing_factor`` scores expanded logits against raw labels; a forward that returns no loss
+(replaced or copied, never reaching model-loss) stops training with "The model did not return a
+loss"; the training logs show one number where text and audio losses move apart.
 
 Cause: transformers 4.46 neither divides the loss by the accumulation steps nor passes
 ``num_items_in_batch`` for a model whose forward takes no ``**loss_kwargs``: it only divides the
 value it logs, by k, even for a window that holds fewer micro-batches (an epoch's short last window)
 or that spans an epoch end (it steps when its running count of micro-batches reaches a multiple of
-k). Its label smoother knows nothing of Higgs Audio's expanded sequence or audio head.
+k). Its label smoother knows nothing of Higgs Audio's expanded sequence or audio head. Without a loss
+in the outputs, its ``compute_loss`` has nothing to return.
 
 Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
 PEFT, ``torch.compile``, a user's wrapper module):
@@ -23,7 +25,10 @@ PEFT, ``torch.compile``, a user's wrapper module):
   micro-batch's loss is a mean. Not under DeepSpeed, which scales by its own accumulation steps.
 - ``compute_loss``: with ``label_smoothing_factor`` set (and no ``compute_loss_func``), the labels
   stay in the batch and the model's own loss (model-loss) is smoothed, text and audio, the way the
-  Trainer's smoother does it. A ``compute_loss_func`` is called exactly as transformers calls it.
+  Trainer's smoother does it. An output with labels and logits but no loss (a forward that never
+  reached model-loss: status ``bypassed``, or a subclass with a copy of upstream's forward) gets the
+  loss model-loss would have given it, its weights and the smoothing included, instead of "The model
+  did not return a loss". A ``compute_loss_func`` is called exactly as transformers calls it.
 - ``log``: training logs also carry ``text_loss``, ``audio_loss`` and ``audio_loss_cb*``, the mean
   over the micro-batches since the last log of every Higgs Audio loss computed in training steps.
 
@@ -33,6 +38,7 @@ Every other model goes to the original methods untouched.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import weakref
@@ -40,25 +46,27 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import events
-from ..loss import step_losses, trainer_label_smoothing
+from .. import environment, events
+from ..loss import higgs_audio_loss, step_losses, trainer_label_smoothing
+from . import model_loss
 
 HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
 
 
-def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``Trainer.compute_loss``: the Trainer's label smoothing reaches the model's own loss."""
+def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.compute_loss``: the model's own loss, smoothed as the Trainer asks, and scored
+    from the outputs where a forward that never reached model-loss returned none."""
 
     def wrapper(wrapped, instance, args, kwargs):
         model, inputs, return_outputs = _bind_compute_loss(*args, **kwargs)
-        smoother = getattr(instance, "label_smoother", None)
-        if smoother is None or getattr(instance, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
+        if getattr(instance, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
             return wrapped(*args, **kwargs)
-        token = trainer_label_smoothing.set(float(smoother.epsilon))
-        try:
-            outputs = model(**inputs)
-        finally:
-            trainer_label_smoothing.reset(token)
+        smoother = getattr(instance, "label_smoother", None)
+        epsilon = float(smoother.epsilon) if smoother is not None else 0.0
+        scoring = _ScoresItsOutputs(model, epsilon)
+        if smoother is None:  # the Trainer's own compute_loss calls the model, with all it passes
+            return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
+        outputs = scoring(**inputs)  # the labels stay in the batch: the model's loss is smoothed
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
             raise ValueError(
@@ -68,6 +76,42 @@ def honour_label_smoothing(original: Callable[..., Any], options: Mapping[str, A
         return (loss, outputs) if return_outputs else loss
 
     return wrapper
+
+
+class _ScoresItsOutputs:
+    """The model as ``compute_loss`` calls it: the Trainer's label smoothing reaches the model's loss,
+    and an output with labels and logits but no loss (a forward that never reached model-loss: a
+    class-level replacement, a subclass with a copy of upstream's forward) is given the loss
+    model-loss would have given it, with that patch's weights."""
+
+    def __init__(self, model: torch.nn.Module, epsilon: float) -> None:
+        self.model, self.epsilon = model, epsilon
+
+    def __call__(self, *args: Any, **inputs: Any) -> Any:
+        token = trainer_label_smoothing.set(self.epsilon)
+        try:
+            outputs = self.model(*args, **inputs)
+            if (isinstance(outputs, Mapping) and outputs.get("loss") is None and outputs.get("logits") is not None
+                    and any(inputs.get(name) is not None for name in model_loss.LABELS)):
+                batch = dict(inputs)
+                if batch.get("label_ids") is None and batch.get("labels") is not None:
+                    batch["label_ids"] = batch["labels"]  # as forward-kwargs-filter passes them on
+                result = higgs_audio_loss(outputs, batch, **model_loss_weights(), label_smoothing=self.epsilon)
+                model_loss.put_first(outputs, model_loss.fields(result))
+        finally:
+            trainer_label_smoothing.reset(token)
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:  # a subclass's compute_loss may read the model's attributes
+        return getattr(self.model, name)
+
+
+def model_loss_weights() -> dict[str, float | None]:
+    """The loss weights model-loss is applied with in this process (none: the mean), as the engine
+    publishes them on every apply() and revert()."""
+    published = os.environ.get(environment.ACTIVATE)
+    found = environment.decode(published)[0].get("model-loss", {}) if published else {}
+    return {name: model_loss.weight(found.get(name, False)) for name in model_loss.WEIGHTS}
 
 
 def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):

@@ -1,0 +1,201 @@
+"""wrapper-checkpoints
+
+Symptom: ``trainer.save_model()`` (and every checkpoint ``save_steps`` writes) of a Higgs Audio
+model held in the user's wrapper module is ``model.safetensors`` with every key prefixed
+``model.`` and no ``config.json``; ``HiggsAudioModel.from_pretrained`` on it fails with the
+misleading ``AssertionError: Padding_idx must be within num_embeddings`` or, with a config.json
+beside it, loads freshly initialised weights with only a warning.
+
+Cause: the Trainer saves ``save_pretrained`` only for a ``PreTrainedModel`` or ``PeftModel``;
+anything else gets its plain state dict, keys named from the wrapper. ``from_pretrained`` matches
+keys by name: none of the prefixed ones is the model's.
+
+Change, for a Trainer whose model is a module holding one Higgs Audio model (bare or PEFT) and no
+weights of its own:
+
+- ``Trainer._save``: the inner model is what is saved (its ``save_pretrained``: config and keys
+  without the wrapper's prefix, or the PEFT adapter); a state dict the Trainer gathered from the
+  wrapper (DeepSpeed, FSDP) loses the prefix. A wrapper with weights of its own is saved as before,
+  with a warning that says why.
+- ``Trainer._load_from_checkpoint`` and ``Trainer._load_best_model``: a checkpoint with the inner
+  model's config (or adapter config) is loaded into the inner model, so resume and
+  ``load_best_model_at_end`` work; a checkpoint of the wrapper's own state dict loads as before.
+- ``from_pretrained`` of a Higgs Audio model: a local checkpoint whose keys carry a wrapper's prefix
+  is refused with an ``InputError`` that says what it is and how to load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from ..errors import InputError
+from .trainer_compute_loss import HIGGS_MODULE, holds_higgs_audio
+
+log = logging.getLogger("higgs_patch")
+
+CONFIGS = ("config.json", "adapter_config.json")
+EMBEDDINGS = "embed_tokens.weight"  # every HiggsAudioModel state dict has it, at its top level
+
+
+def save_inner_model(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer._save``: a wrapper's checkpoint is its inner model's."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        output_dir, state_dict = _bind_save(*args, **kwargs)
+        found = inner_model(instance.model)
+        if found is None:
+            return wrapped(*args, **kwargs)
+        prefix, inner = found
+        if state_dict is not None:
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        with _as_trainer_model(instance, inner):
+            return wrapped(output_dir, state_dict=state_dict)
+
+    return wrapper
+
+
+def load_inner_model(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer._load_from_checkpoint``: the inner model's checkpoint goes into the inner model."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        checkpoint, model = _bind_load(*args, **kwargs)
+        found = inner_model(model if model is not None else instance.model)
+        if found is None or not _has_config(checkpoint):
+            return wrapped(*args, **kwargs)
+        return wrapped(checkpoint, model=found[1])
+
+    return wrapper
+
+
+def load_best_inner_model(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer._load_best_model``: likewise for ``load_best_model_at_end``."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        found = inner_model(instance.model)
+        if found is None or not _has_config(instance.state.best_model_checkpoint):
+            return wrapped(*args, **kwargs)
+        with _as_trainer_model(instance, found[1]):
+            return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+def refuse_prefixed_state_dict(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``PreTrainedModel.from_pretrained``: a wrapper's state dict is named as such."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        module = sys.modules.get(HIGGS_MODULE)
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if (module is not None and isinstance(instance, type) and issubclass(instance, module.HiggsAudioModel)
+                and isinstance(path, (str, os.PathLike)) and os.path.isdir(path)):
+            _check_not_prefixed(os.path.join(path, kwargs.get("subfolder") or ""), instance)
+        return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+def inner_model(model: Any) -> tuple[str, torch.nn.Module] | None:
+    """The Higgs Audio model (or the PEFT model around it) a wrapper holds, with its key prefix; None
+    when the Trainer saves the model itself (a ``PreTrainedModel`` or ``PeftModel``) or it is no wrapper."""
+    from transformers import PreTrainedModel
+
+    kinds = _saveable()
+    if isinstance(model, kinds) or not holds_higgs_audio(model):
+        return None
+    found = [(name, m) for name, m in model.named_modules() if name and isinstance(m, kinds) and holds_higgs_audio(m)]
+    outermost = [(name, m) for name, m in found if not any(name.startswith(other + ".") for other, _ in found)]
+    if len(outermost) != 1:
+        log.warning("(wrapper-checkpoint) %s holds %d Higgs Audio models; its checkpoints are its own state dict",
+                    type(model).__name__, len(outermost))
+        return None
+    name, inner = outermost[0]
+    prefix = name + "."
+    own = [key for key in model.state_dict() if not key.startswith(prefix)]
+    if own:
+        log.warning(
+            "(wrapper-checkpoint) %s has weights of its own (%s): its checkpoints stay its whole state dict, keys "
+            "prefixed %r, which %s.from_pretrained cannot load; save %s yourself for that",
+            type(model).__name__, ", ".join(own[:3]), prefix, type(inner).__name__ if isinstance(inner, PreTrainedModel)
+            else "PeftModel", f"model.{name}.save_pretrained(...)",
+        )
+        return None
+    return prefix, inner
+
+
+def _saveable() -> tuple[type, ...]:
+    from transformers import PreTrainedModel
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return (PreTrainedModel,)
+    return (PreTrainedModel, PeftModel)
+
+
+@contextlib.contextmanager
+def _as_trainer_model(trainer: Any, inner: torch.nn.Module) -> Iterator[None]:
+    outer = trainer.model
+    trainer.model = inner
+    try:
+        yield
+    finally:
+        trainer.model = outer
+
+
+def _has_config(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, (str, os.PathLike)) and any(
+        os.path.isfile(os.path.join(checkpoint, name)) for name in CONFIGS)
+
+
+def _check_not_prefixed(folder: str, model_class: type) -> None:
+    """Refuse a state dict whose keys carry a prefix that from_pretrained would not strip.
+
+    transformers strips the class's own ``base_model_prefix`` when a config.json is there; any other
+    prefix, or no config.json, would fail misleadingly or load freshly initialised weights.
+    """
+    keys, file = _checkpoint_keys(folder)
+    if not keys or EMBEDDINGS in keys:
+        return
+    prefixes = sorted({key[: -len(EMBEDDINGS)] for key in keys if key.endswith("." + EMBEDDINGS)})
+    if not prefixes:
+        return
+    prefix, class_name = prefixes[0], model_class.__name__
+    if prefix == f"{model_class.base_model_prefix}." and os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    raise InputError(
+        f"{file} is not a {class_name} checkpoint: it is the state dict of a module that holds the model, every "
+        f"key of the model prefixed {prefix!r} (as Trainer.save_model writes a wrapper module without "
+        f"higgs-patch's wrapper-checkpoints patch). Load it into that wrapper with "
+        f"wrapper.load_state_dict(safetensors.torch.load_file({file!r})), then save the inner model with "
+        f"wrapper.{prefix.rstrip('.')}.save_pretrained(folder) and load that folder with {class_name}.from_pretrained"
+    )
+
+
+def _checkpoint_keys(folder: str) -> tuple[set[str], str]:
+    """The tensor names of a safetensors checkpoint (its header or index only), and its file."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            return set(json.load(handle).get("weight_map", {})), index
+    file = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(file):
+        return set(), file
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as handle:
+        return set(handle.keys()), file
+
+
+def _bind_save(output_dir=None, state_dict=None):
+    return output_dir, state_dict
+
+
+def _bind_load(resume_from_checkpoint, model=None):
+    return resume_from_checkpoint, model
