@@ -150,7 +150,7 @@ class BoundProxy(wrapt.BoundFunctionWrapper):
     @property
     def __func__(self):
         if self._self_binding == "function" and self._self_instance is not None:
-            return self._self_parent.__get__(None, self._self_owner)
+            return self._self_parent.__get__(None, self._self_owner or type(self._self_instance))
         return self.__wrapped__.__func__
 
 

@@ -249,8 +249,10 @@ def test_a_bound_patched_method_gives_the_patched_function_as_its___func__():
     assert model.forward.__self__ is model and function.__wrapped__ is ORIGINALS[FORWARD]
     assert inspect.signature(MethodType(function, model)) == inspect.signature(MethodType(ORIGINALS[FORWARD], model))
     expected = model(**batch).loss
+    bound_without_owner = Model.__dict__["forward"].__get__(model)  # descriptor protocol, owner left out
     for call in (lambda: function(model, **batch), lambda: MethodType(function, model)(**batch),
-                 lambda: MethodType(torch.autocast("cpu", enabled=False)(function), model)(**batch)):
+                 lambda: MethodType(torch.autocast("cpu", enabled=False)(function), model)(**batch),
+                 lambda: bound_without_owner.__func__(model, **batch)):
         assert torch.equal(call().loss, expected)
     assert Collator.__dict__["__call__"] is ORIGINALS[CALL]  # untouched by that patch
     higgs_patch.revert()
