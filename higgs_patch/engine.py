@@ -28,7 +28,7 @@ from typing import Any, Literal, Mapping
 
 import wrapt
 
-from . import declarations, environment, events, gate, upstream
+from . import declarations, environment, events, gate, in_force, upstream
 from .declarations import Declaration
 from .errors import IncompatibleUpstreamError, OptionError, PatchError
 from .slots import Layer, Slot
@@ -36,6 +36,9 @@ from .slots import Layer, Slot
 log = logging.getLogger("higgs_patch")
 
 State = Literal["applied", "bypassed", "pending", "not-applied", "incompatible"]
+#: The states of a patch this process has applied or is waiting to install (bypassed: applied, its target
+#: replaced since): what revert() would take back.
+ACTIVE: frozenset[State] = frozenset({"applied", "bypassed", "pending"})
 
 
 @dataclass(frozen=True)
@@ -497,9 +500,12 @@ def _forget_reloaded() -> bool:
 
 def _publish() -> None:
     """Tell child processes what this one has applied (see startup.py); nothing left, nothing told.
+    Tell the code below the engine the options in force (see in_force.py).
 
     A patch refused at an import is still told: its children refuse that code too, until revert().
     """
+    if in_force.publish({pid: r.options for pid, r in _records.items() if r.state == "applied"}):
+        events.announce(events.APPLIED_CHANGED)
     active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending") or r.blocking}
     if active:
         force = any(_records[pid].force for pid in active)
@@ -523,7 +529,7 @@ def _status(declaration: Declaration) -> PatchStatus:
         default=declaration.default,
         summary=declaration.summary,
         targets=tuple(t.path for t in declaration.targets),
-        options=dict(record.options or declaration.defaults),
+        options=dict(record.options if record.state in ("applied", "pending") else declaration.defaults),
     )
 
 

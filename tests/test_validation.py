@@ -240,7 +240,7 @@ def test_no_release_at_all_is_a_data_error(compat_text):
     [
         ('works = ">=0.26"', 'works = "recent"', r"known-bad\[1\].works: 'recent' is not a PEP 440 specifier"),
         ('works = ">=0.26"', 'works = ">=0.26"\nseverity = "high"', r"known-bad\[1\]: unknown field 'severity'"),
-        ('when = { torch = ">=2.13" }', 'when = { torch = 2 }', r"known-bad\[2\].when.torch must be a string"),
+        ('when = { torch = ">=2.5" }', 'when = { torch = 2 }', r"known-bad\[2\].when.torch must be a string"),
         ('torch = "2.13.0+cpu"', "torch = 2.13", r"tested\[0\].torch must be a string"),
         ('distribution = "accelerate"\n', "", r"known-bad\[1\]: missing required field.*'distribution'"),
     ],
