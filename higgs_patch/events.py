@@ -12,18 +12,18 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-#: A Trainer starts a training run with a Higgs Audio model.
+#: A Trainer starts a training run with a Higgs Audio model; the listeners get the model it trains.
 TRAINING_STARTS = "training-starts"
 #: What is applied in this process changed (apply, revert, an install at import, a reload noticed):
 #: ``in_force`` already holds the new options. Announced by the engine, heard by fixes that must tell
 #: the user what a revert leaves behind.
 APPLIED_CHANGED = "applied-changed"
 
-_listeners: dict[str, list[Callable[[], object]]] = {}
+_listeners: dict[str, list[Callable[..., object]]] = {}
 _lock = threading.Lock()
 
 
-def listen(event: str, callback: Callable[[], object]) -> None:
+def listen(event: str, callback: Callable[..., object]) -> None:
     """Call ``callback`` whenever ``event`` is announced (once per callback, however often registered)."""
     with _lock:
         callbacks = _listeners.setdefault(event, [])
@@ -31,8 +31,9 @@ def listen(event: str, callback: Callable[[], object]) -> None:
             callbacks.append(callback)
 
 
-def announce(event: str) -> None:
+def announce(event: str, *args: object) -> None:
+    """Call every listener of ``event`` with ``args``."""
     with _lock:
         callbacks = list(_listeners.get(event, ()))
     for callback in callbacks:
-        callback()
+        callback(*args)

@@ -13,12 +13,13 @@ supervised text position, listed in ``text_logit_positions``; the same function 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ def _score(outputs: Any, batch: Any, chosen: LossSettings) -> HiggsAudioLoss:
     text_loss_weight, audio_loss_weight = chosen.text_loss_weight, chosen.audio_loss_weight
     text_sum, text_count = _text_terms(outputs, batch, chosen.label_smoothing)
     audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch, chosen.label_smoothing)
-    text_tokens, audio_tokens = (int(n) for n in torch.stack([text_count, audio_count]).tolist())
+    text_tokens, audio_tokens = _host_counts(text_count, audio_count)
 
     text = text_sum / text_tokens if text_tokens else None
     audio = audio_sum / audio_tokens if audio_tokens else None
@@ -159,12 +160,17 @@ def _score(outputs: Any, batch: Any, chosen: LossSettings) -> HiggsAudioLoss:
     if not present:
         log.warning("(no-supervised-tokens) batch has no supervised text or audio token; its loss is 0")
         total = text_sum + audio_sum  # exact zeros, connected to the graph
-    elif text_loss_weight is None and audio_loss_weight is None:
-        total = sum(present) / len(present)
     else:
-        weights = (1.0 if text_loss_weight is None else text_loss_weight,
-                   1.0 if audio_loss_weight is None else audio_loss_weight)
-        total = sum(w * c for w, c in zip(weights, (text, audio)) if c is not None)
+        if text_loss_weight is None and audio_loss_weight is None:
+            total = sum(present) / len(present)
+        else:
+            weights = (1.0 if text_loss_weight is None else text_loss_weight,
+                       1.0 if audio_loss_weight is None else audio_loss_weight)
+            total = sum(w * c for w, c in zip(weights, (text, audio)) if c is not None)
+        # A head with nothing to score still takes part (DDP waits for every parameter): its exact zero.
+        for unscored, count in ((text_sum, text_tokens), (audio_sum, audio_tokens)):
+            if not count:
+                total = total + unscored.to(total.dtype)
     return HiggsAudioLoss(
         loss=total,
         text=None if text is None else text.detach(),
@@ -173,6 +179,24 @@ def _score(outputs: Any, batch: Any, chosen: LossSettings) -> HiggsAudioLoss:
         text_tokens=text_tokens,
         audio_tokens=audio_tokens,
     )
+
+
+def _host_counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
+    """The supervised token counts as Python ints, which decide the components present. Read outside
+    any compiled graph: torch 2.9's dynamo otherwise raises GuardOnDataDependentSymNode on the branch."""
+    if torch.compiler.is_compiling():
+        return _outside_the_graph()(text_count, audio_count)
+    return _counts(text_count, audio_count)
+
+
+def _counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
+    text_tokens, audio_tokens = torch.stack([text_count, audio_count]).tolist()
+    return int(text_tokens), int(audio_tokens)
+
+
+@functools.cache
+def _outside_the_graph() -> Callable[[torch.Tensor, torch.Tensor], tuple[int, int]]:
+    return torch.compiler.disable(_counts)  # made on first use: the decorator imports dynamo (seconds)
 
 
 #: What a loss is computed from: fields of the model output, then of the batch.
@@ -308,8 +332,8 @@ def _audio_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     logits = field(outputs, "audio_logits")
     labels = field(batch, "label_audio_ids")
-    if labels is None or labels.numel() == 0:  # no audio-out token in the batch
-        anchor = field(outputs, "logits")
+    if labels is None or labels.numel() == 0:  # no audio-out token in the batch: upstream's audio_logits are empty
+        anchor = field(outputs, "logits") if logits is None else logits
         return _zero(anchor), torch.zeros((), dtype=torch.long, device=anchor.device), None
     if logits is None:
         raise ValueError(

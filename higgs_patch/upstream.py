@@ -61,6 +61,7 @@ class Knowledge:
 FINGERPRINTS, MATRIX = "fingerprints.toml", "matrix.toml"
 RELEASE_FIELDS = {"name": str, "origin": str, "targets": dict}
 KNOWN_BAD_FIELDS = {"distribution": str, "works": str, "reason": str, "fix": str, "when": dict}
+MATRIX_FIELDS = {"tested": list, "measured": list, "known-bad": list}  # measured: a session's run on a stack CI does not build
 TESTED_REQUIRED = ("line", "constraints", "suite", "transformers")
 SUITES = ("full", "core")
 
@@ -87,7 +88,7 @@ def _specifier(text: str, where: str) -> str:
 def tested() -> tuple[TestedStack, ...]:
     """The stacks compat/matrix.toml says the suite runs on, the main line first (CI, doctor and docs read it)."""
     source = f"compat/{MATRIX}"
-    data = _read(MATRIX, {"tested": list, "known-bad": list})
+    data = _read(MATRIX, MATRIX_FIELDS)
     stacks: list[TestedStack] = []
     for index, entry in enumerate(data.get("tested", [])):
         where = f"{source}: tested[{index}]"
@@ -111,7 +112,7 @@ def known_bad() -> tuple[KnownBad, ...]:
     """The combinations compat/matrix.toml knows not to work (the whole file is checked, [[tested]] too)."""
     source = f"compat/{MATRIX}"
     tested()
-    data = _read(MATRIX, {"tested": list, "known-bad": list})
+    data = _read(MATRIX, MATRIX_FIELDS)
     rules = []
     for index, entry in enumerate(_tables(data, "known-bad", source, KNOWN_BAD_FIELDS,
                                           ("distribution", "works", "reason", "fix"))):

@@ -154,7 +154,7 @@ def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any])
         model, num_items_in_batch = _bind_training_step(*args, **kwargs)
         if not holds_higgs_audio(model):
             return wrapped(*args, **kwargs)
-        window = _window(instance)
+        window = _window(instance, model)
         with _recording() as losses, _smoothing(instance, model):
             value = wrapped(*args, **kwargs)
         _components(instance).add_all(losses)
@@ -250,15 +250,37 @@ class _Window:
         return value + logged * (scaling.logged / count - 1)
 
 
-def _window(trainer: Any) -> _Window:
+def _window(trainer: Any, model: Any) -> _Window:
     with _lock:
         window = _windows.get(trainer)
         starts = window is None or window.state is not trainer.state
         if starts:
             window = _windows[trainer] = _Window(trainer.state)
-    if starts:  # a new training run: the engine says (once) if a patched function was replaced since apply()
-        events.announce(events.TRAINING_STARTS)
+    if starts:  # a new training run: the engine checks the model and says (once) if a patched function was replaced
+        events.announce(events.TRAINING_STARTS, model)
+        _refuse_what_ddp_cannot_run(model)
     return window
+
+
+def _refuse_what_ddp_cannot_run(model: Any) -> None:
+    """Reentrant checkpointing under DDP's search for unused parameters fails in the first backward
+    (``Expected to mark a variable ready only once``): say so, and what to set, before the first step."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or not model.find_unused_parameters:
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True and _reentrant(m) for m in model.modules()):
+        raise ValueError(
+            "gradient checkpointing with use_reentrant=True (transformers' default) cannot run under DDP with "
+            "ddp_find_unused_parameters=True: DDP would take the checkpointed layers' parameters for unused, then "
+            "see their gradients (RuntimeError: Expected to mark a variable ready only once). With higgs-patch "
+            "every parameter of a Higgs Audio model takes part in every step, so set ddp_find_unused_parameters=False "
+            "(the Trainer's choice for a bare model with checkpointing; a PEFT model needs it said), or pass "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+
+
+def _reentrant(module: torch.nn.Module) -> bool:
+    checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+    return getattr(checkpoint, "keywords", {}).get("use_reentrant") is not False  # torch's default is reentrant
 
 
 class _Components:
