@@ -5,15 +5,19 @@ Symptom: under k-step gradient accumulation a Higgs Audio model takes k times to
 short last window takes 2/3 of its step (4.48 to 4.54), and the logged loss is off by the same factor
 (4.47: k times); the Trainer's ``label_smoothing_factor`` scores expanded logits against raw labels;
 a forward that returns no loss (replaced or copied, never reaching model-loss) stops training with
-"The model did not return a loss"; the training logs show one number where text and audio losses
-move apart.
+"The model did not return a loss"; under DDP a wrapper module with ``forward(**kwargs)`` takes
+world-size times the update and logs world-size times its loss (from 4.55, where
+``average_tokens_across_devices`` is on by default; before, wherever a user turns it on); the
+training logs show one number where text and audio losses move apart.
 
 Cause: each transformers line divides a micro-batch's loss differently before backward (by nothing,
 by the accumulation steps k however few micro-batches the window holds, or by the window's size) and
 in the value it logs, depending on whether the model takes loss kwargs, whether it counted
 ``num_items_in_batch`` and whether a ``compute_loss_func`` is given (``trainer_lines`` holds the
 rule of each line). A model that takes ``**kwargs`` is handed the count and trusted to divide by it;
-Higgs Audio's forward drops it and returns a mean. Its label smoother knows nothing of Higgs Audio's
+Higgs Audio's forward drops it and returns a mean; with ``average_tokens_across_devices`` the
+Trainer's ``compute_loss`` then multiplies that mean by the number of processes, to undo DDP's
+average of losses it takes for sums over the count of every rank. Its label smoother knows nothing of Higgs Audio's
 expanded sequence or audio head. Without a loss in the outputs, its ``compute_loss`` has nothing to
 return.
 
@@ -36,7 +40,10 @@ PEFT, ``torch.compile``, a user's wrapper module):
   Trainer's smoother does it. An output with labels and logits but no loss (a forward that never
   reached model-loss: status ``bypassed``, or a subclass with a copy of upstream's forward) gets the
   loss model-loss would have given it, its weights and the smoothing included, instead of "The model
-  did not return a loss". A ``compute_loss_func`` is called exactly as transformers calls it.
+  did not return a loss". The Trainer's ``compute_loss`` runs as for a model that takes no loss
+  kwargs (as transformers' own docstring advises for a loss that does not use the count): no
+  ``num_items_in_batch`` is passed to the model, and nothing multiplies its mean by the number of
+  processes. A ``compute_loss_func`` is called exactly as transformers calls it.
   The smoothing is in force for the whole of each ``training_step`` and ``prediction_step`` too, so a
   subclass's ``compute_loss`` (reading the model's loss, or calling ``higgs_audio_loss``) trains and
   evaluates the same smoothed objective (``higgs_patch.loss.settings``).
@@ -75,8 +82,9 @@ def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any])
         smoother = getattr(instance, "label_smoother", None)
         epsilon = float(smoother.epsilon) if smoother is not None else 0.0
         scoring = _ScoresItsOutputs(model, epsilon)
-        if smoother is None:  # the Trainer's own compute_loss calls the model, with all it passes
-            return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
+        if smoother is None:  # the Trainer's own compute_loss calls the model
+            with _taking_no_loss_kwargs(instance):
+                return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
         outputs = scoring(**inputs)  # the labels stay in the batch: the model's loss is smoothed
         loss = outputs[0] if isinstance(outputs, tuple) else outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
@@ -87,6 +95,26 @@ def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any])
         return (loss, outputs) if return_outputs else loss
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _taking_no_loss_kwargs(trainer: Any):
+    """The Trainer's ``compute_loss`` as for a model whose loss ignores ``num_items_in_batch``.
+
+    Every line reads ``model_accepts_loss_kwargs`` there for two things only: whether to hand the
+    model the count, and (with ``average_tokens_across_devices``) whether to multiply the returned
+    loss by the number of processes. A Higgs Audio loss is a mean whatever it is handed, so neither
+    applies. ``training_step`` sees the Trainer's own value again (the accumulation rule reads it).
+    """
+    accepts = getattr(trainer, "model_accepts_loss_kwargs", False)
+    if not accepts:
+        yield
+        return
+    trainer.model_accepts_loss_kwargs = False
+    try:
+        yield
+    finally:
+        trainer.model_accepts_loss_kwargs = accepts
 
 
 class _ScoresItsOutputs:
