@@ -1,16 +1,19 @@
-"""The GPU checks of issues 3, 5, 6, 7 and 11, as one prepared script for a lent GPU machine.
+"""The GPU checks of issues 3, 5, 6, 7, 11 and 18, as one prepared script for a lent GPU machine.
 
     python benchmarks/gpu_checks.py [--device cuda] [--quick] [--json PATH]
 
 1. collate: the patched collator with audio codes on the device, then one training step of the tiny
    model on the device, by hand and with the transformers Trainer (issue 3);
-2. spawn: a DataLoader with ``spawn`` workers over samples whose codes live on the device, batches
+2. bf16: a bf16 full fine-tune and a LoRA fine-tune of the tiny model under the Trainer (``bf16=True``:
+   accelerate's autocast rebinds the model's forward), losses finite and falling, every step's loss
+   made by the patched forward from ``labels`` alone, every default patch applied (issue 18);
+3. spawn: a DataLoader with ``spawn`` workers over samples whose codes live on the device, batches
    equal to ``num_workers=0`` (issue 5);
-3. loss: the loss hook against plain ``F.cross_entropy`` at 1 x 4,096 x 128,256 in bf16, time and
+4. loss: the loss hook against plain ``F.cross_entropy`` at 1 x 4,096 x 128,256 in bf16, time and
    peak memory from ``torch.cuda.max_memory_allocated`` (issue 6);
-4. sparse: one training step of a tiny model with the real vocabulary, 2,048 positions, 2% supervised
+5. sparse: one training step of a tiny model with the real vocabulary, 2,048 positions, 2% supervised
    text, dense against ``sparse-text-logits``, in bf16 (issue 7);
-5. released: the released config at 28 layers (random init, bf16), LoRA r 16 on attention, MLP and
+6. released: the released config at 28 layers (random init, bf16), LoRA r 16 on attention, MLP and
    audio MLP, one sample of 4,096 positions: plain, gradient checkpointing, sparse-text-logits, both;
    peak from ``torch.cuda.max_memory_allocated`` and step time, beside the memory model's prediction
    (issue 11).
@@ -168,6 +171,63 @@ def check_sparse(device: str, quick: bool) -> dict:
     }
 
 
+class _ChecksTheLoss:
+    """Mixed into a Trainer: records, per step, that the patched forward made the loss (issue 18)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        expected = higgs_patch.higgs_audio_loss(outputs, inputs).loss
+        self.reached.append(outputs.get("expanded_labels") is not None and outputs.get("llm_loss") is not None
+                            and abs(loss.item() - expected.item()) <= 2e-3 * abs(expected.item()))
+        return (loss, outputs) if return_outputs else loss
+
+
+def check_bf16(device: str, quick: bool) -> dict:
+    """A bf16 full fine-tune and LoRA of the tiny model under the Trainer (accelerate's autocast path):
+    losses finite and falling, every step's loss made by the patched forward from ``labels`` alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    class Checked(_ChecksTheLoss, Trainer):
+        pass
+
+    def labels_only(batch):
+        out = tiny.DictCollator(tiny.collator())(batch)
+        del out["label_ids"]
+        return out
+
+    from accelerate.state import AcceleratorState
+
+    higgs_patch.apply()
+    steps, found = (8 if quick else 40), {}
+    AcceleratorState._reset_state(reset_partial_state=True)  # the collate check's Trainer made one without bf16
+    for kind in ("full", "lora"):
+        model = tiny.model()
+        if kind == "lora":
+            model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=os.path.join(HERE, "results", f"gpu-bf16-{kind}"), use_cpu=device == "cpu",
+                                 bf16=True, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
+                                 report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
+                                 logging_steps=1, seed=0)
+        trainer = Checked(model=model, args=args, train_dataset=tiny.samples(16), data_collator=labels_only)
+        trainer.reached = []
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        states = {s.id: s.state for s in higgs_patch.status() if s.default}
+        third = max(1, len(losses) // 3)
+        found[kind] = {
+            "ok": len(losses) == steps and all(l == l and abs(l) != float("inf") for l in losses)
+            and sum(losses[-third:]) < sum(losses[:third]) and len(trainer.reached) == steps and all(trainer.reached)
+            and set(states.values()) == {"applied"},
+            "first_loss": losses[0], "last_loss": losses[-1], "steps_reaching_the_patches": sum(trainer.reached),
+            "autocast_rebound_forward": "forward" in vars(trainer.accelerator.unwrap_model(trainer.model)),
+            "device": str(trainer.args.device), "states": states,
+        }
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_MIXED_PRECISION", None)  # TrainingArguments(bf16=True) leaves it for later Trainers
+    return {"ok": all(v["ok"] for v in found.values()), **found}
+
+
 def check_released(device: str, quick: bool) -> dict:
     sys.path.insert(0, HERE)
     import memory_bench
@@ -212,6 +272,7 @@ def main() -> None:
               "card": torch.cuda.get_device_name(0) if arguments.device.startswith("cuda") else "cpu"}
     checks = {
         "collate": lambda: check_collate(arguments.device),
+        "bf16": lambda: check_bf16(arguments.device, arguments.quick),
         "spawn": lambda: check_spawn(arguments.device),
         "loss": lambda: check_loss(arguments.device, arguments.quick),
         "sparse": lambda: check_sparse(arguments.device, arguments.quick),

@@ -13,7 +13,7 @@ import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
-from . import sourcetree
+from . import engine, sourcetree
 from .engine import PatchStatus, apply, revert, status
 from .errors import (
     AudioIndexError,
@@ -66,7 +66,7 @@ __all__ = [
 @contextlib.contextmanager
 def applied(*ids: str, force: bool = False, **options: Any) -> Iterator[tuple[PatchStatus, ...]]:
     """Apply inside the block, revert after it what this call applied (not what was applied before)."""
-    before = {s.id for s in status() if s.state in ("applied", "pending")}
+    before = {s.id for s in status() if s.state in engine.ACTIVE}
     report = apply(*ids, force=force, **options)
     try:
         yield report

@@ -21,13 +21,14 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import MethodType, ModuleType
 from typing import Any, Literal, Mapping
 
 import wrapt
 
-from . import declarations, environment, events, gate, upstream
+from . import declarations, environment, events, gate, in_force, upstream
 from .declarations import Declaration
 from .errors import IncompatibleUpstreamError, OptionError, PatchError
 from .slots import AlreadyThere, Layer, Slot
@@ -35,6 +36,9 @@ from .slots import AlreadyThere, Layer, Slot
 log = logging.getLogger("higgs_patch")
 
 State = Literal["applied", "bypassed", "pending", "not-applied", "not-needed", "incompatible"]
+#: The states of a patch this process has applied or is waiting to install (bypassed: applied, its target
+#: replaced since): what revert() would take back.
+ACTIVE: frozenset[State] = frozenset({"applied", "bypassed", "pending"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ _slots: dict[str, Slot] = {}
 _waiting: dict[str, list[str]] = {}  # module name -> ids of the patches its import must install or refuse
 _declarations: dict[str, Declaration] | None = None
 _bypasses_told: set[tuple[str, str, int]] = set()  # (patch id, target path, id of what replaced our proxy)
+_watched: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models whose instances status() checks (see watch())
 _load_lock = threading.Lock()
 _hook_lock = threading.Lock()
 _hooked: set[str] = set()  # modules whose post-import hook is registered and has not fired yet
@@ -129,6 +134,8 @@ def revert(*ids: str) -> tuple[PatchStatus, ...]:
         _forget_reloaded()
         for declaration in selected:
             _revert_one(declaration.id)
+        if not any(record.state in ("applied", "pending") for record in _records.values()):
+            _watched.clear()  # models seen while patched: a later apply() makes new proxies they do not lead to
         _publish()
         return tuple(_status(d) for d in selected)
 
@@ -438,23 +445,66 @@ def _remove_layers(record: _Record) -> None:
     record.layers.clear()
 
 
+def watch(model: Any) -> None:
+    """Check the objects of ``model``'s module tree in :func:`status` too, for as long as they live.
+
+    An attribute set on an instance (``model.forward = ...``) hides the patched method of its class
+    for that instance alone; only the instances the plugin is shown can be checked for it (the
+    Trainer hook shows its model when a training run starts).
+    """
+    with _lock:
+        _watched.add(model)
+
+
 def _bypass(patch_id: str, record: _Record) -> str:
-    """Why calls may no longer reach an applied patch (a target replaced after apply()); '' if none."""
+    """Why calls may no longer reach an applied patch (a target replaced after apply(), on its class or
+    on an instance :func:`watch` was shown); '' if none."""
     for slot, _ in record.layers:
         replacement = slot.replacement()
-        if replacement is None:
-            continue
-        name = getattr(replacement, "__qualname__", type(replacement).__qualname__)
-        reason = (
-            f"{slot.path} was replaced after apply() by {getattr(replacement, '__module__', '?')}.{name}; "
-            "calls reach this patch only if the replacement calls the function it replaced, with the same "
-            "arguments. Remove the replacement (or revert before making it)"
-        )
-        if (patch_id, slot.path, id(replacement)) not in _bypasses_told:
-            _bypasses_told.add((patch_id, slot.path, id(replacement)))
-            log.warning("(patch-bypassed) patch %s: %s", patch_id, reason)
-        return reason
+        if replacement is not None:
+            reason = (
+                f"{slot.path} was replaced after apply() by {_named(replacement)}; calls reach this patch only if "
+                "the replacement calls the function it replaced, with the same arguments. Remove the replacement "
+                "(or revert before making it)"
+            )
+            return _tell_bypass(patch_id, slot, replacement, reason)
+        for instance, found in _shadowing(slot):
+            kind, name, inner = type(instance).__name__, slot.name, slot.innermost(found)
+            what = "upstream's own, unpatched, function" if inner is slot.original else "a function"
+            under = "" if inner is _function_of(found) else f", under {_named(found)}"
+            reason = (
+                f"{name} is replaced on the {kind} instance (model.{name} = ..., as accelerate's "
+                f"unwrap_model(..., keep_fp32_wrapper=False) also does) by {what}, {_named(inner)}{under}: calls "
+                f"to that model reach this patch only if the replacement calls {kind}.{name}. `del model.{name}` "
+                f"gives it the class's patched {name} again"
+            )
+            return _tell_bypass(patch_id, slot, found, reason)
     return ""
+
+
+def _shadowing(slot: Slot):
+    for model in list(_watched):
+        for instance in model.modules() if hasattr(model, "modules") else (model,):
+            found = slot.shadowed(instance)
+            if found is not None:
+                yield instance, found
+
+
+def _tell_bypass(patch_id: str, slot: Slot, replacement: object, reason: str) -> str:
+    if (patch_id, slot.path, id(replacement)) not in _bypasses_told:
+        _bypasses_told.add((patch_id, slot.path, id(replacement)))
+        log.warning("(patch-bypassed) patch %s: %s", patch_id, reason)
+    return reason
+
+
+def _function_of(value: object) -> object:
+    return value.__func__ if isinstance(value, MethodType) else value
+
+
+def _named(value: object) -> str:
+    value = _function_of(value)
+    name = getattr(value, "__qualname__", type(value).__qualname__)
+    return f"{getattr(value, '__module__', '?')}.{name}"
 
 
 def _name_the_others(exc: IncompatibleUpstreamError, others: list[Declaration]) -> None:
@@ -495,9 +545,12 @@ def _forget_reloaded() -> bool:
 
 def _publish() -> None:
     """Tell child processes what this one has applied (see startup.py); nothing left, nothing told.
+    Tell the code below the engine the options in force (see in_force.py).
 
     A patch refused at an import is still told: its children refuse that code too, until revert().
     """
+    if in_force.publish({pid: r.options for pid, r in _records.items() if r.state == "applied"}):
+        events.announce(events.APPLIED_CHANGED)
     active = {pid: r.options for pid, r in _records.items() if r.state in ("applied", "pending") or r.blocking}
     if active:
         force = any(_records[pid].force for pid in active)
@@ -521,8 +574,14 @@ def _status(declaration: Declaration) -> PatchStatus:
         default=declaration.default,
         summary=declaration.summary,
         targets=tuple(t.path for t in declaration.targets),
-        options=dict(record.options or declaration.defaults),
+        options=dict(record.options if record.state in ("applied", "pending") else declaration.defaults),
     )
 
 
-events.listen(events.TRAINING_STARTS, status)  # a replaced target is told when training starts
+def _training_starts(model: Any) -> None:
+    """A Trainer starts training ``model``: check it from now on, and say (once) what bypasses a patch."""
+    watch(model)
+    status()
+
+
+events.listen(events.TRAINING_STARTS, _training_starts)

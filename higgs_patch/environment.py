@@ -30,11 +30,16 @@ def encode(patches: dict[str, dict[str, Any]], force: bool) -> str:
 
 
 def decode(value: str) -> tuple[dict[str, dict[str, Any]], bool]:
-    """The patches and force flag in a HIGGS_PATCH_ACTIVATE value; ValueError saying what is wrong."""
+    """The patches and force flag in a HIGGS_PATCH_ACTIVATE value; ValueError saying what is wrong.
+
+    Whatever the value: ``json`` raises RecursionError for deep nesting (and MemoryError, or a
+    ValueError of its own for a number too long), and the message never shows more than a preview.
+    """
     try:
         data = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{value[:60]!r} is not JSON ({exc}); expected {_FORM}") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
+        raise ValueError(f"{value[:60]!r} is not JSON ({reason}); expected {_FORM}") from None
     if not isinstance(data, dict) or not isinstance(data.get("patches"), dict):
         raise ValueError(f"{value[:60]!r} is not of the form {_FORM}")
     unknown = sorted(set(data) - {"patches", "force"})
@@ -43,8 +48,17 @@ def decode(value: str) -> tuple[dict[str, dict[str, Any]], bool]:
     patches = data["patches"]
     for patch_id, options in patches.items():
         if not isinstance(options, dict):
-            raise ValueError(f"the options of patch {patch_id!r} must be a JSON object, got {json.dumps(options)}")
+            raise ValueError(f"the options of patch {patch_id!r} must be a JSON object, got {_shown(options)}")
     force = data.get("force", False)
     if not isinstance(force, bool):
-        raise ValueError(f'"force" must be JSON true or false, got {json.dumps(force)}')
+        raise ValueError(f'"force" must be JSON true or false, got {_shown(force)}')
     return dict(patches), force
+
+
+def _shown(value: Any) -> str:
+    """A short JSON preview of a decoded value; containers by kind (they may nest too deeply to print)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return json.dumps(value)[:60]

@@ -13,25 +13,33 @@ supervised text position, listed in ``text_logit_positions``; the same function 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from . import in_force
 from .errors import InputError
 
 log = logging.getLogger("higgs_patch")
 
 IGNORE_INDEX = -100
 
-#: The Trainer's ``label_smoothing_factor`` while it computes a loss (set by trainer-compute-loss,
-#: read by model-loss when the model scores its own output).
+#: The Trainer's ``label_smoothing_factor`` while it computes a loss for a Higgs Audio model: set by
+#: trainer-compute-loss around its training and prediction steps and its compute_loss.
 trainer_label_smoothing: ContextVar[float] = ContextVar("higgs_patch_label_smoothing", default=0.0)
 #: The losses computed during one Trainer training step, for its logs (opened by trainer-compute-loss).
 step_losses: ContextVar["list[HiggsAudioLoss] | None"] = ContextVar("higgs_patch_step_losses", default=None)
+
+#: The patch whose options weight the total (patches/model-loss.toml), and the names of those options.
+WEIGHTS_PATCH = "model-loss"
+WEIGHTS = ("text_loss_weight", "audio_loss_weight")
 
 _CACHE = "_higgs_patch_losses"  # attribute of a model output: the losses already computed from it
 
@@ -63,13 +71,52 @@ class HiggsAudioLoss:
         return found
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective a loss trains: each weight (None: off) and the label smoothing."""
+
+    text_loss_weight: float | None
+    audio_loss_weight: float | None
+    label_smoothing: float
+
+
+def settings(
+    text_loss_weight: float | bool | None = None,
+    audio_loss_weight: float | bool | None = None,
+    label_smoothing: float | None = None,
+) -> LossSettings:
+    """The objective a Higgs Audio loss computed now trains, whoever computes it.
+
+    Each setting comes from the first of: the keyword given here (a weight ``False`` is off); the options
+    of the applied ``model-loss`` patch (``apply(audio_loss_weight=...)``); for label smoothing, the
+    Trainer's ``label_smoothing_factor`` while it computes a loss; else off (the mean of the components,
+    no smoothing). After ``revert()`` no patch is applied: only keywords count.
+    """
+    applied = in_force.options(WEIGHTS_PATCH) or {}
+    weights = [_weight(name, value if value is not None else applied.get(name, False))
+               for name, value in zip(WEIGHTS, (text_loss_weight, audio_loss_weight))]
+    if label_smoothing is None:
+        label_smoothing = trainer_label_smoothing.get()
+    if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+    return LossSettings(*weights, float(label_smoothing))
+
+
+def _weight(name: str, value: Any) -> float | None:
+    if value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, or False (the mean of the components); got {value!r}")
+    return float(value)
+
+
 def higgs_audio_loss(
     outputs: Any,
     batch: Any,
     *,
-    text_loss_weight: float | None = None,
-    audio_loss_weight: float | None = None,
-    label_smoothing: float = 0.0,
+    text_loss_weight: float | bool | None = None,
+    audio_loss_weight: float | bool | None = None,
+    label_smoothing: float | None = None,
 ) -> HiggsAudioLoss:
     """Cross-entropy of a ``HiggsAudioModel`` output against the batch it was computed from.
 
@@ -77,33 +124,35 @@ def higgs_audio_loss(
     ``label_ids``, and one row of ``audio_logits`` per audio-out token whenever it has
     ``label_audio_ids``: a missing one is an error, never a silently dropped component); ``batch``
     is the collated batch, a mapping or upstream's ``HiggsAudioBatchInput``.
-    The total is the mean of the components that have supervised tokens; with either weight given it
-    is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a missing
-    weight counts 1). With no supervised token at all the loss is an exact zero, still connected to
+    The total is the mean of the components that have supervised tokens; with either weight set it
+    is the weighted sum ``text_loss_weight * text + audio_loss_weight * audio`` instead (a weight that
+    is off counts 1). With no supervised token at all the loss is an exact zero, still connected to
     the graph, and a warning is logged. ``label_smoothing`` smooths text and audio targets as the
-    Trainer's ``label_smoothing_factor`` does.
+    Trainer's ``label_smoothing_factor`` does. A setting not given is the one in force (:func:`settings`):
+    the weights ``apply()`` gave the model-loss patch, the Trainer's label smoothing in its steps.
 
-    The result is remembered on ``outputs``: asking again for the same output, audio labels and
-    settings (the model's own loss, then a trainer's call) returns it instead of scoring twice.
+    The result is remembered on ``outputs``: asking again with the same settings for the very tensors
+    it scored (logits, audio logits, expanded labels, audio labels; unchanged in place) returns it
+    instead of scoring twice (the model's own loss, then a trainer's call).
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    chosen = settings(text_loss_weight, audio_loss_weight, label_smoothing)
     _check_inputs(outputs, batch)
-    key = (text_loss_weight, audio_loss_weight, label_smoothing)
-    result = _remembered(outputs, batch, key)
+    scored = _scored_tensors(outputs, batch)
+    result = _remembered(outputs, scored, chosen)
     if result is None:
-        result = _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
-        _remember(outputs, batch, key, result)
+        result = _score(outputs, batch, chosen)
+        _remember(outputs, scored, chosen, result)
     recorded = step_losses.get()
     if recorded is not None and all(item is not result for item in recorded):
         recorded.append(result)
     return result
 
 
-def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing) -> HiggsAudioLoss:
-    text_sum, text_count = _text_terms(outputs, batch, label_smoothing)
-    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch, label_smoothing)
-    text_tokens, audio_tokens = (int(n) for n in torch.stack([text_count, audio_count]).tolist())
+def _score(outputs: Any, batch: Any, chosen: LossSettings) -> HiggsAudioLoss:
+    text_loss_weight, audio_loss_weight = chosen.text_loss_weight, chosen.audio_loss_weight
+    text_sum, text_count = _text_terms(outputs, batch, chosen.label_smoothing)
+    audio_sum, audio_count, per_codebook = _audio_terms(outputs, batch, chosen.label_smoothing)
+    text_tokens, audio_tokens = _host_counts(text_count, audio_count)
 
     text = text_sum / text_tokens if text_tokens else None
     audio = audio_sum / audio_tokens if audio_tokens else None
@@ -111,12 +160,17 @@ def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
     if not present:
         log.warning("(no-supervised-tokens) batch has no supervised text or audio token; its loss is 0")
         total = text_sum + audio_sum  # exact zeros, connected to the graph
-    elif text_loss_weight is None and audio_loss_weight is None:
-        total = sum(present) / len(present)
     else:
-        weights = (1.0 if text_loss_weight is None else text_loss_weight,
-                   1.0 if audio_loss_weight is None else audio_loss_weight)
-        total = sum(w * c for w, c in zip(weights, (text, audio)) if c is not None)
+        if text_loss_weight is None and audio_loss_weight is None:
+            total = sum(present) / len(present)
+        else:
+            weights = (1.0 if text_loss_weight is None else text_loss_weight,
+                       1.0 if audio_loss_weight is None else audio_loss_weight)
+            total = sum(w * c for w, c in zip(weights, (text, audio)) if c is not None)
+        # A head with nothing to score still takes part (DDP waits for every parameter): its exact zero.
+        for unscored, count in ((text_sum, text_tokens), (audio_sum, audio_tokens)):
+            if not count:
+                total = total + unscored.to(total.dtype)
     return HiggsAudioLoss(
         loss=total,
         text=None if text is None else text.detach(),
@@ -127,15 +181,65 @@ def _score(outputs, batch, text_loss_weight, audio_loss_weight, label_smoothing)
     )
 
 
-def _remembered(outputs: Any, batch: Any, key: tuple) -> HiggsAudioLoss | None:
-    for audio_labels, settings, result in getattr(outputs, _CACHE, ()):
-        if audio_labels is field(batch, "label_audio_ids") and settings == key:
+def _host_counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
+    """The supervised token counts as Python ints, which decide the components present. Read outside
+    any compiled graph: torch 2.9's dynamo otherwise raises GuardOnDataDependentSymNode on the branch."""
+    if torch.compiler.is_compiling():
+        return _outside_the_graph()(text_count, audio_count)
+    return _counts(text_count, audio_count)
+
+
+def _counts(text_count: torch.Tensor, audio_count: torch.Tensor) -> tuple[int, int]:
+    text_tokens, audio_tokens = torch.stack([text_count, audio_count]).tolist()
+    return int(text_tokens), int(audio_tokens)
+
+
+@functools.cache
+def _outside_the_graph() -> Callable[[torch.Tensor, torch.Tensor], tuple[int, int]]:
+    return torch.compiler.disable(_counts)  # made on first use: the decorator imports dynamo (seconds)
+
+
+#: What a loss is computed from: fields of the model output, then of the batch.
+_SCORED_OUTPUTS = ("logits", "audio_logits", "expanded_labels", "text_logit_positions")
+_SCORED_BATCH = ("label_audio_ids",)
+
+
+def _scored_tensors(outputs: Any, batch: Any) -> tuple["_Scored", ...]:
+    found = [field(outputs, name) for name in _SCORED_OUTPUTS] + [field(batch, name) for name in _SCORED_BATCH]
+    return tuple(_Scored(value) for value in found)
+
+
+def _remembered(outputs: Any, scored: tuple["_Scored", ...], chosen: LossSettings) -> HiggsAudioLoss | None:
+    for then, settings_then, result in getattr(outputs, _CACHE, ()):
+        if settings_then == chosen and all(old.same_as(new.value()) for old, new in zip(then, scored)):
             return result
     return None
 
 
-def _remember(outputs: Any, batch: Any, key: tuple, result: HiggsAudioLoss) -> None:
-    entry = (field(batch, "label_audio_ids"), key, result)
+class _Scored:
+    """One field the loss read, held weakly (a cache entry keeps no logits alive), with its in-place version."""
+
+    __slots__ = ("_ref", "_version")
+
+    def __init__(self, value: Any) -> None:
+        self._version = getattr(value, "_version", 0)
+        try:
+            self._ref = weakref.ref(value) if value is not None else None
+        except TypeError:  # not a tensor (the checks or the scoring refuse it): held as it is
+            self._ref = lambda: value
+
+    def value(self) -> Any:
+        return None if self._ref is None else self._ref()
+
+    def same_as(self, value: Any) -> bool:
+        """Whether ``value`` is the very object read then, unchanged in place since."""
+        if self._ref is None:
+            return value is None
+        return value is not None and self._ref() is value and getattr(value, "_version", 0) == self._version
+
+
+def _remember(outputs: Any, scored: tuple, chosen: LossSettings, result: HiggsAudioLoss) -> None:
+    entry = (scored, chosen, result)
     try:  # a model output takes attributes; a plain dict or tuple does not, and is simply not cached
         object.__setattr__(outputs, _CACHE, getattr(outputs, _CACHE, ()) + (entry,))
     except (AttributeError, TypeError):
@@ -228,8 +332,8 @@ def _audio_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     logits = field(outputs, "audio_logits")
     labels = field(batch, "label_audio_ids")
-    if labels is None or labels.numel() == 0:  # no audio-out token in the batch
-        anchor = field(outputs, "logits")
+    if labels is None or labels.numel() == 0:  # no audio-out token in the batch: upstream's audio_logits are empty
+        anchor = field(outputs, "logits") if logits is None else logits
         return _zero(anchor), torch.zeros((), dtype=torch.long, device=anchor.device), None
     if logits is None:
         raise ValueError(

@@ -24,7 +24,7 @@ import importlib.util
 import inspect
 import logging
 import sys
-from types import ModuleType
+from types import MethodType, ModuleType
 from typing import Any, Callable
 
 import wrapt
@@ -129,19 +129,33 @@ class Slot:
         self.installed = None
 
     def replacement(self) -> object | None:
-        """What now stands where our proxy was put, if that no longer leads to it; else None.
-
-        Something that wraps our proxy and says so through ``__wrapped__`` (wrapt, functools.wraps)
-        still leads to it; a function assigned over it does not, whatever it calls.
-        """
+        """What now stands where our proxy was put, if that no longer leads to it; else None."""
         current = self._current()
-        for _ in range(32):
-            if current is self.installed:
-                return None
-            current = getattr(current, "__wrapped__", None)
-            if current is None:
-                break
-        return self._current()
+        return None if self._leads_here(current) else current
+
+    def shadowed(self, instance: Any) -> object | None:
+        """What ``instance`` holds in its own ``__dict__`` under our name, if that does not lead to our proxy.
+
+        Python finds an instance's attribute before its class's method: ``model.forward = ...`` takes
+        the patched forward's place for that one model, the class itself unchanged.
+        """
+        if self.installed is None or not inspect.isclass(self.parent) or not isinstance(instance, self.parent):
+            return None
+        found = getattr(instance, "__dict__", {}).get(self.name)
+        return None if found is None or self._leads_here(found) else found
+
+    def _leads_here(self, current: object) -> bool:
+        """Whether ``current`` is our proxy or says it wraps it: through ``__wrapped__`` (wrapt,
+        functools.wraps), as a bound method's ``__func__`` or a partial's ``func``. A function assigned
+        over it does not lead to it, whatever it calls."""
+        return any(self._is_ours(item) for item in _unwrapped(current))
+
+    def innermost(self, current: object) -> object:
+        """The last thing ``current`` says it wraps (itself if nothing)."""
+        return list(_unwrapped(current))[-1]
+
+    def _is_ours(self, item: object) -> bool:
+        return item is self.installed or (type(item) is BoundProxy and item._self_parent is self.installed)
 
     def _current(self) -> object:
         if self._submodule(self.installed):
@@ -153,7 +167,7 @@ class Slot:
     def _proxy(self) -> object:
         if isinstance(self.original, ModuleType):
             return _module_view(self.original, self.names, self.dispatch)
-        return wrapt.FunctionWrapper(self.original, self.dispatch)
+        return Proxy(self.original, self.dispatch)
 
     def dispatch(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         layers = self.layers
@@ -193,6 +207,38 @@ def _refuse_present(parent: object, name: str, path: str) -> None:
         what = type(found).__name__ if found is not None else "a submodule on disk"
         origin = getattr(found, "__module__", None) or getattr(found, "__name__", None) or "?"
         raise AlreadyThere(f"{path} is already there ({what} from {origin}), not added by higgs_patch")
+
+
+class BoundProxy(wrapt.BoundFunctionWrapper):
+    """Our proxy bound to an instance. Its ``__func__`` is, as a bound method's, the function as the class
+    gives it: the proxy, not the original beneath it (wrapt's answer). accelerate's mixed precision
+    rebinds ``model.forward.__func__`` on the instance; with the original, every layer would be skipped."""
+
+    @property
+    def __func__(self):
+        if self._self_binding == "function" and self._self_instance is not None:
+            return self._self_parent.__get__(None, self._self_owner or type(self._self_instance))
+        return self.__wrapped__.__func__
+
+
+class Proxy(wrapt.FunctionWrapper):
+    """The proxy a slot installs on a class: wrapt's, whose bound form is a :class:`BoundProxy`."""
+
+    __bound_function_wrapper__ = BoundProxy
+
+
+def _unwrapped(current: object, depth: int = 32):
+    """``current`` and what it says it wraps, in turn: a bound method's function, a partial's, ``__wrapped__``."""
+    for _ in range(depth):
+        yield current
+        if isinstance(current, MethodType):
+            current = current.__func__
+        elif isinstance(current, functools.partial):
+            current = current.func
+        else:
+            current = getattr(current, "__wrapped__", None)
+        if current is None:
+            return
 
 
 def _invoke(layer: Layer, wrapped: Callable[..., Any], instance: Any, *args: Any, **kwargs: Any) -> Any:

@@ -33,6 +33,7 @@ log = logging.getLogger("higgs_patch")
 HOOK = "higgs_patch.pth"
 
 _started = False
+_LINE = 900  # characters of a start-up report, its prefix aside
 
 
 def process_startup() -> None:
@@ -47,6 +48,10 @@ def process_startup() -> None:
     except ValueError as exc:
         _report(f"{environment.ACTIVATE} is malformed and ignored, this process starts unpatched: {exc}")
         return
+    except Exception as exc:  # still one line, whatever reading the value raised
+        _report(f"{environment.ACTIVATE} could not be read and is ignored, this process starts unpatched: "
+                f"{type(exc).__name__}: {exc}")
+        return
     if not patches:
         return
     options = {name: setting for chosen in patches.values() for name, setting in chosen.items()}
@@ -60,8 +65,10 @@ def process_startup() -> None:
 
 
 def _report(message: str) -> None:
-    """One line on stderr (logging's last resort: nothing is configured yet at start-up)."""
-    log.error("higgs-patch: %s", " ".join(message.split()))
+    """One line on stderr (logging's last resort: nothing is configured yet at start-up), of at most
+    ``_LINE`` characters however much the value or the error holds."""
+    line = " ".join(message.split())
+    log.error("higgs-patch: %s", line if len(line) <= _LINE else line[: _LINE - 1] + "…")
 
 
 @dataclass(frozen=True)

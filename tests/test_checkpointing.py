@@ -267,3 +267,45 @@ def test_peft_wrapping_a_model_that_already_checkpoints_finds_the_text_embedding
     assert calls == [2] * LAYERS
     adapters = {n: p.grad for n, p in wrapped.named_parameters() if "lora_B" in n}
     assert adapters and all(grad is not None and grad.abs().sum() > 0 for grad in adapters.values())
+
+
+# --- any order relative to apply() and revert() ---------------------------------------------------------
+
+
+def test_switched_on_before_apply_the_decoder_is_recomputed_after_apply():
+    """A config with an audio tower: upstream's switch succeeds before apply(); after it, the decoder follows."""
+    net, inputs = model(**TOWER), batch(whisper=True)
+    net.gradient_checkpointing_enable({"use_reentrant": False})
+    assert net.is_gradient_checkpointing
+    with higgs_patch.applied():
+        plain = model(**TOWER)
+        plain.load_state_dict(net.state_dict())
+        plain_loss, plain_grads, _, plain_calls = step(plain, inputs)
+        loss, grads, _, calls = step(net, inputs)
+        net.gradient_checkpointing_disable()
+        assert not net.is_gradient_checkpointing and step(net, inputs)[3] == [1] * LAYERS
+    assert plain_calls == [1] * LAYERS and calls == [2] * LAYERS
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_switched_on_then_reverted_then_applied_again_the_decoder_is_recomputed():
+    net, inputs = model(), batch()
+    with higgs_patch.applied():
+        net.gradient_checkpointing_enable()
+    with higgs_patch.applied():
+        assert step(net, inputs)[3] == [2] * LAYERS
+
+
+def test_revert_while_switched_on_says_the_decoder_is_no_longer_recomputed(patch_log):
+    net = model()
+    with higgs_patch.applied():
+        net.gradient_checkpointing_enable()
+        patch_log.clear()
+    told = [r.getMessage() for r in patch_log.records if "(checkpointing-reverted)" in r.getMessage()]
+    assert len(told) == 1 and "gradient_checkpointing_disable()" in told[0] and "1 model" in told[0]
+    with higgs_patch.applied():
+        net.gradient_checkpointing_disable()
+        patch_log.clear()
+    assert not [r for r in patch_log.records if "(checkpointing-reverted)" in r.getMessage()]

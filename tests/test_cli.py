@@ -171,7 +171,8 @@ def test_doctor_json_follows_the_schema(cli):
     assert report["ok"] is True and report["strict"] is False
     assert set(report) >= {"schema", "ok", "strict", "higgs_patch", "counts", "seconds", "environment", "checks", "patches"}
     environment = report["environment"]
-    assert set(environment) == {*STACK, "startup_hook"}
+    assert set(environment) == {*STACK, "startup_hook", "peft_lora"}
+    assert environment["peft_lora"] == {"works": True, "outcome": "ok"}
     assert environment["startup_hook"]["active"] is True and environment["startup_hook"]["path"].endswith("higgs_patch.pth")
     for name in STACK[2:]:
         assert {"installed", "version"} <= set(environment[name]), name
@@ -180,7 +181,9 @@ def test_doctor_json_follows_the_schema(cli):
     assert environment["boson_multimodal"]["importable"] is True
     assert environment["boson_multimodal"]["version"] == importlib.metadata.version("boson_multimodal")
     assert environment["transformers"]["version"] == transformers.__version__
-    assert [c["name"] for c in report["checks"]] == [*STACK, "import order", "start-up hook", "tested line"]
+    peft = STACK.index("peft") + 1
+    assert [c["name"] for c in report["checks"]] == [*STACK[:peft], "peft LoRA", *STACK[peft:], "import order",
+                                                     "start-up hook", "tested line"]
     for check in report["checks"] + [c for p in report["patches"] for c in p["checks"]]:
         assert set(check) == {"name", "level", "detail", "fix"} and check["level"] in ("ok", "warn", "fail")
     assert [p["id"] for p in report["patches"]] == PATCH_IDS

@@ -244,6 +244,70 @@ def test_a_class_level_replacement_after_apply_is_not_taken_for_a_reload(patch_l
         engine._slots.pop(FORWARD, None)
 
 
+def test_a_bound_patched_method_gives_the_patched_function_as_its___func__():
+    """accelerate's mixed precision rebinds ``model.forward.__func__`` on the instance: it must run the layers."""
+    import inspect
+    from types import MethodType
+
+    import torch
+
+    import tiny
+
+    higgs_patch.apply("forward-kwargs-filter", "model-loss")
+    model = tiny.model()
+    batch = tiny.DictCollator(tiny.collator())(tiny.samples(2))
+    del batch["label_ids"]  # only the filter turns labels into label_ids
+    function = model.forward.__func__
+    assert model.forward.__self__ is model and function.__wrapped__ is ORIGINALS[FORWARD]
+    assert inspect.signature(MethodType(function, model)) == inspect.signature(MethodType(ORIGINALS[FORWARD], model))
+    expected = model(**batch).loss
+    bound_without_owner = Model.__dict__["forward"].__get__(model)  # descriptor protocol, owner left out
+    for call in (lambda: function(model, **batch), lambda: MethodType(function, model)(**batch),
+                 lambda: MethodType(torch.autocast("cpu", enabled=False)(function), model)(**batch),
+                 lambda: bound_without_owner.__func__(model, **batch)):
+        assert torch.equal(call().loss, expected)
+    assert Collator.__dict__["__call__"] is ORIGINALS[CALL]  # untouched by that patch
+    higgs_patch.revert()
+    assert originals_back()
+
+
+def test_revert_after_accelerate_rebound_the_forward_restores_the_originals_by_identity():
+    """The instance keeps what accelerate put there; with our layers gone, it passes calls straight to upstream."""
+    from types import MethodType
+
+    import torch
+
+    import tiny
+
+    higgs_patch.apply()
+    model = tiny.model()
+    model.forward = MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__), model)
+    batch = tiny.DictCollator(tiny.collator())(tiny.samples(2))
+    assert model(**batch).loss is not None
+    higgs_patch.revert()
+    assert originals_back()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
+        model(**batch)
+    del batch["labels"]
+    assert model(**batch).loss is None  # upstream's forward, through the inert proxy
+
+
+def test_an_instance_attribute_hiding_a_patched_method_is_a_bypass_only_for_watched_models():
+    import tiny
+
+    higgs_patch.apply("forward-kwargs-filter")
+    seen, unseen = tiny.model(), tiny.model()
+    for model in (seen, unseen):
+        model.forward = lambda **kwargs: None
+    engine.watch(seen)
+    report = {s.id: s for s in higgs_patch.status()}["forward-kwargs-filter"]
+    assert report.state == "bypassed" and "replaced on the HiggsAudioModel instance" in report.reason
+    del seen.forward
+    assert states()["forward-kwargs-filter"] == "applied"
+    higgs_patch.revert()
+    assert originals_back() and not list(engine._watched)
+
+
 # --- atomicity -------------------------------------------------------------------------------------------
 
 
@@ -356,7 +420,7 @@ def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
         from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator as C
         import transformers.trainer
         after = {s.id: s.state for s in higgs_patch.status() if s.default}
-        wrapped = type(m.HiggsAudioModel.__dict__["forward"]).__name__
+        wrapped = [f"{c.__module__}.{c.__name__}" for c in type(m.HiggsAudioModel.__dict__["forward"]).__mro__]
         print(json.dumps({"before": before, "imported": imported, "after": after, "wrapped": wrapped}))
         """
     )
@@ -367,7 +431,8 @@ def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
     assert {data["before"][pid] for pid in off & data["before"].keys()} <= {"not-needed"}
     assert data["imported"] == []
     assert {state for pid, state in data["after"].items() if pid not in off} == {"applied"}
-    assert data["wrapped"] == "FunctionWrapper"
+    assert data["wrapped"][0] == "higgs_patch.slots.Proxy"  # the slot's proxy: wrapt's FunctionWrapper, whose
+    assert data["wrapped"][1].endswith(".FunctionWrapper")  # bound form keeps the layers under __func__
 
 
 def test_a_hook_that_fires_after_revert_does_nothing():
@@ -419,7 +484,7 @@ def test_force_patches_the_edited_upstream_with_a_warning(edited_upstream, how):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["outcome"] == "applied"
-    assert data["call"] == "FunctionWrapper"
+    assert data["call"] == "Proxy"  # the slot's proxy, a wrapt FunctionWrapper
     assert data["states"]["collator-audio-index"] == data["states"]["device-tensor-factory"] == "applied"
     assert data["states"]["trainer-compute-loss"] == "pending"  # transformers.trainer is not imported there
     assert "forced" in result.stderr

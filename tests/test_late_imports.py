@@ -150,7 +150,7 @@ def test_apply_while_another_thread_is_halfway_through_the_import_is_no_refusal(
     assert data["outcome"] == "applied"
     assert data["states"]["sparse-text-logits"] == "applied"
     assert data["states"]["forward-kwargs-filter"] == "applied"
-    assert data["forward"] == "FunctionWrapper"
+    assert data["forward"] == "Proxy"  # the slot's proxy, a wrapt FunctionWrapper
 
 
 def test_apply_from_inside_the_import_of_its_own_target_in_the_same_thread_says_so():
@@ -225,7 +225,7 @@ def test_forcing_an_edited_upstream_before_the_import_warns_at_apply_once(edited
     assert len(data["at_apply"]) == 1 and "collator-audio-index" in data["at_apply"][0]
     assert data["total"] == data["at_apply"]  # the import checks again and finds what apply() forced
     assert data["state"] == ["applied", "forced over unrecognised upstream"]
-    assert data["call"] == "FunctionWrapper"
+    assert data["call"] == "Proxy"  # the slot's proxy, a wrapt FunctionWrapper
 
 
 def test_a_target_whose_source_cannot_be_found_before_the_import_is_decided_at_the_import():
@@ -331,5 +331,5 @@ def test_reloading_a_patched_module_is_reported_and_apply_patches_the_new_code()
         assert "reload" in reason and MODELING in reason
         assert data["reapplied"][patch_id] == "applied"
     assert data["old_forward"] == "function"  # the old class got its original back, nothing half-patched
-    assert data["patched"] == "FunctionWrapper"
+    assert data["patched"] == "Proxy"  # the slot's proxy, a wrapt FunctionWrapper
     assert data["reverted"] == "function"

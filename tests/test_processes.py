@@ -146,4 +146,4 @@ def test_higgs_patch_run_passes_the_chosen_patches_and_options_to_every_python_i
     assert data["collator-audio-index"] == ["pending", {"audio_index_policy": "strict"}]
     assert data["forward-kwargs-filter"][0] == "not-applied"
     refused = run([str(CONSOLE), "run", "--option", "audio_index_polcy=strict", "--", sys.executable, "-c", "pass"])
-    assert refused.returncode == 1 and "audio_index_policy" in refused.stderr
+    assert refused.returncode == 2 and "audio_index_policy" in refused.stderr  # a usage error

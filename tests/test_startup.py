@@ -50,6 +50,35 @@ def test_a_malformed_activate_value_gives_one_line_and_the_program_runs_unpatche
     assert lines[0].startswith(f"higgs-patch: {ACTIVATE}") and says in lines[0]
 
 
+DEEP = 30_000  # levels of nesting (json's recursion limit is about 1,000); a value stays under Linux's 128 KiB
+ODD_VALUES = {
+    "a deeply nested array": "[" * DEEP + "]" * DEEP,
+    "deeply nested options": '{"patches": {"forward-kwargs-filter": ' + '{"a":' * 20_000 + "1" + "}" * 20_000 + "}}",
+    "a number of 100,000 digits": "1" * 100_000,
+    "a string of 100,000 characters": '"' + "x" * 100_000 + '"',
+    "10,000 unknown patch ids": '{"patches": {' + ", ".join(f'"p{i}": {{}}' for i in range(10_000)) + "}}",
+    "bytes that are not UTF-8": b'{"patches": {"\xff\xfe": {}}}',
+    "a byte-order mark": "\ufeff" + VALID,
+    "NaN for force": '{"patches": {"forward-kwargs-filter": {}}, "force": NaN}',
+    "a nested value for force": '{"patches": {}, "force": ' + "[" * 500 + "]" * 500 + "}",
+    "an option value nested deeply": '{"patches": {"collator-audio-index": {"audio_index_policy": '
+                                     + "[" * 900 + "]" * 900 + "}}}",
+}
+
+
+@pytest.mark.parametrize("value", ODD_VALUES.values(), ids=list(ODD_VALUES))
+def test_any_value_of_activate_gives_at_most_one_line_and_the_program_runs_unpatched(value):
+    environ = {k: v for k, v in os.environb.items() if k not in (ACTIVATE.encode(), b"HIGGS_PATCH_FORCE", b"PYTHONPATH")}
+    environ[ACTIVATE.encode()] = value if isinstance(value, bytes) else value.encode("utf-8")
+    done = subprocess.run([sys.executable, "-c", STATES], capture_output=True, env=environ, timeout=300)
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 0, stderr[-2000:]
+    assert {state for state, _ in json.loads(done.stdout.splitlines()[-1]).values()} == {"not-applied"}
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"higgs-patch: {ACTIVATE}"), stderr[:3000]
+    assert len(lines[0]) <= 1_000
+
+
 @pytest.mark.parametrize("flag", ["-I", "-E"])
 def test_isolated_mode_ignores_activate_as_python_ignores_its_own_variables(flag):
     assert last_json(run([sys.executable, "-c", STATES], env={ACTIVATE: VALID}))["forward-kwargs-filter"][0] == "pending"

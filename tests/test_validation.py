@@ -244,7 +244,7 @@ def test_no_release_at_all_is_a_data_error(compat_text):
         ('when = { torch = ">=2.5",', 'when = { torch = 2,', r"known-bad\[2\].when.torch must be a string"),
         ('torch = "2.13.0+cpu"', "torch = 2.13", r"tested\[0\].torch must be a string"),
         ('distribution = "accelerate"\n', "", r"known-bad\[1\]: missing required field.*'distribution'"),
-        ('suite = "core"', 'suite = "quick"', r"tested\[1\].suite: 'quick' is not one of 'full', 'core'"),
+        ('suite = "core"', 'suite = "quick"', r"tested\[1\].suite: 'quick' is not one of 'full', 'core', 'manual'"),
         ('line = "4.47"\n', "", r"tested\[1\]: missing line \(every tested stack has line, constraints, suite"),
         ('line = "4.47"', 'line = "4.46"', r"tested\[1\].line: '4.46' is listed twice"),
     ],

@@ -55,6 +55,11 @@ RELEASED = dict(
     audio_decoder_proj_num_layers=0, use_audio_out_self_attention=False,
 )
 LAYERS = 28
+#: What the command can estimate: the released model's positions; full rank of the narrowest adapted
+#: projection (k_proj, v_proj: 3,072 -> 8 KV heads x 128); a batch per GPU far past any GPU's memory.
+MAX_POSITIONS = RELEASED["text_config"]["max_position_embeddings"]
+MAX_RANK = RELEASED["text_config"]["num_key_value_heads"] * RELEASED["text_config"]["head_dim"]
+MAX_BATCH = 65_536
 #: Where LoRA goes, in the figures and the table: attention, MLP and audio MLP of every decoder layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHT_BYTES = 2  # bf16

@@ -10,7 +10,9 @@ that has that attribute, and raises when none has; ``HiggsAudioModel`` declares 
 loop (``_forward_core``) never calls a checkpoint function.
 
 Change: the model gets the switch (``gradient_checkpointing = False``) when transformers sets it, so
-both switches and ``gradient_checkpointing_disable()`` work and set the encoder's too. While such a
+both switches and ``gradient_checkpointing_disable()`` work and set the encoder's too; a model switched
+on before ``apply()`` (possible with an audio tower) takes the tower's switch over at its next forward.
+A revert that leaves a model switched on says so once (``(checkpointing-reverted)``). While such a
 model trains with gradients, each of its decoder layers (DualFFN or Llama) runs under transformers'
 checkpoint function, which carries ``use_reentrant`` and the user's other kwargs: keyword arguments
 are bound to positions (reentrant checkpointing takes no keywords), and a layer input that needs no
@@ -27,10 +29,13 @@ import contextvars
 import functools
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+
+from .. import events, in_force
 
 log = logging.getLogger("higgs_patch")
 
@@ -64,6 +69,8 @@ def declare_switch(original: Callable[..., Any], options: Mapping[str, Any]):
         result = wrapped(*args, **kwargs)
         for module in _self_checkpointing(instance):
             setattr(module, SWITCH, False)
+        if getattr(instance, SWITCH):
+            _switched_on.add(instance)
         return result
 
     return wrapper
@@ -152,7 +159,44 @@ def checkpoint_layer(original: Callable[..., Any], options: Mapping[str, Any]):
 
 def checkpointing(model: Any) -> bool:
     """Whether ``model`` recomputes its decoder layers in this call: switched on, training, with gradients."""
-    return bool(getattr(model, SWITCH, False) and model.training and torch.is_grad_enabled())
+    return bool(model.training and torch.is_grad_enabled() and _switch(model))
+
+
+def _switch(model: Any) -> bool:
+    """The model's switch. A model switched on before apply() has none of its own: upstream's switch then
+    set only its audio tower's, and the model takes that over (checkpoint function included), so the
+    decoder follows the switch whichever came first; ``gradient_checkpointing_disable()`` turns off both."""
+    if not hasattr(model, SWITCH):
+        tower = getattr(model, "audio_tower", None)
+        if not getattr(tower, SWITCH, False):
+            return False
+        model._gradient_checkpointing_func = tower._gradient_checkpointing_func
+        setattr(model, SWITCH, True)
+    if getattr(model, SWITCH):
+        _switched_on.add(model)
+        return True
+    return False
+
+
+def _tell_if_reverted() -> None:
+    """Once the patch is gone: say that models still switched on no longer recompute their decoder layers."""
+    if in_force.options(PATCH) is not None:
+        return
+    models = [model for model in list(_switched_on) if getattr(model, SWITCH, False)]
+    _switched_on.clear()
+    if models:
+        log.warning(
+            "(checkpointing-reverted) the gradient-checkpointing patch is no longer applied (reverted, or its module "
+            "reloaded): %d model(s) with checkpointing "
+            "switched on (is_gradient_checkpointing is True) no longer recompute their decoder layers in backward "
+            "(upstream checkpoints only the audio tower). Call model.gradient_checkpointing_disable() to make the "
+            "switch say so, or higgs_patch.apply() again to recompute them", len(models),
+        )
+
+
+PATCH = "gradient-checkpointing"  # this module's patch (patches/gradient-checkpointing.toml)
+_switched_on: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models seen with checkpointing on while applied
+events.listen(events.APPLIED_CHANGED, _tell_if_reverted)
 
 
 def _warn_cache_once() -> None:

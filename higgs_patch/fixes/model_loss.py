@@ -13,38 +13,46 @@ gets ``loss`` from :func:`higgs_patch.higgs_audio_loss` (shifted text and audio,
 the Trainer's label smoothing while it computes a loss), placed first as Hugging Face outputs have
 it, and the components in upstream's own fields ``llm_loss``, ``audio_loss`` and ``codebook_losses``
 (detached: they are for logs). The loss is computed once per forward: a later
-``higgs_audio_loss(outputs, batch)`` with the same settings returns it. Calls without labels
-(generation, inference) and ``return_dict=False`` tuples are upstream's, untouched.
+``higgs_audio_loss(outputs, batch)`` with the same settings returns it. With ``return_dict=False``
+(or a config whose ``use_return_dict`` is False) the call returns upstream's tuple with the loss in
+front, ``(loss, logits, ...)``, as Hugging Face causal LMs do: the Trainer reads ``outputs[0]``.
+Calls without labels (generation, inference) are upstream's, untouched.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from ..loss import HiggsAudioLoss, higgs_audio_loss, trainer_label_smoothing
+from ..loss import WEIGHTS, HiggsAudioLoss, higgs_audio_loss
 
 LABELS = ("label_ids", "labels", "label_audio_ids")
-WEIGHTS = ("text_loss_weight", "audio_loss_weight")
 
 
 def return_loss(original: Callable[..., Any], options: Mapping[str, Any]):
-    weights = {name: weight(options[name]) for name in WEIGHTS}
+    weights = {name: options[name] for name in WEIGHTS}  # as loss.settings() reads them while applied
 
     def wrapper(wrapped, instance, args, kwargs):
-        outputs = wrapped(*args, **kwargs)
-        if not any(kwargs.get(name) is not None for name in LABELS) or not isinstance(outputs, Mapping):
+        if not any(kwargs.get(name) is not None for name in LABELS):
+            return wrapped(*args, **kwargs)
+        as_tuple = not _returns_dict(instance, kwargs)
+        outputs = wrapped(*args, **{**kwargs, "return_dict": True}) if as_tuple else wrapped(*args, **kwargs)
+        if not isinstance(outputs, Mapping):
             return outputs
-        if outputs.get("loss") is not None:
-            return outputs
-        result = higgs_audio_loss(outputs, kwargs, **weights, label_smoothing=trainer_label_smoothing.get())
-        put_first(outputs, fields(result))
-        return outputs
+        if outputs.get("loss") is None:
+            upstream = outputs.to_tuple() if as_tuple else ()
+            result = higgs_audio_loss(outputs, kwargs, **weights)  # label smoothing: the Trainer's, while it computes
+            if as_tuple:
+                return (result.loss, *upstream)  # upstream's tuple, the loss first, as Hugging Face models return it
+            put_first(outputs, fields(result))
+        return outputs.to_tuple() if as_tuple else outputs
 
     return wrapper
 
 
-def weight(value: Any) -> float | None:
-    return None if value is False or value is None else float(value)
+def _returns_dict(model: Any, kwargs: Mapping[str, Any]) -> bool:
+    """What upstream's forward returns for this call: a model output, or (``return_dict=False``) a tuple."""
+    chosen = kwargs.get("return_dict")
+    return bool(model.config.use_return_dict if chosen is None else chosen)
 
 
 def fields(result: HiggsAudioLoss) -> dict[str, Any]:

@@ -29,6 +29,9 @@ PEFT, ``torch.compile``, a user's wrapper module):
   reached model-loss: status ``bypassed``, or a subclass with a copy of upstream's forward) gets the
   loss model-loss would have given it, its weights and the smoothing included, instead of "The model
   did not return a loss". A ``compute_loss_func`` is called exactly as transformers calls it.
+  The smoothing is in force for the whole of each ``training_step`` and ``prediction_step`` too, so a
+  subclass's ``compute_loss`` (reading the model's loss, or calling ``higgs_audio_loss``) trains and
+  evaluates the same smoothed objective (``higgs_patch.loss.settings``).
 - ``log``: training logs also carry ``text_loss``, ``audio_loss`` and ``audio_loss_cb*``, the mean
   over the micro-batches since the last log of every Higgs Audio loss computed in training steps.
 
@@ -38,7 +41,6 @@ Every other model goes to the original methods untouched.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import threading
 import weakref
@@ -46,7 +48,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import environment, events
+from .. import events
 from ..loss import higgs_audio_loss, step_losses, trainer_label_smoothing
 from . import model_loss
 
@@ -67,7 +69,7 @@ def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any])
         if smoother is None:  # the Trainer's own compute_loss calls the model, with all it passes
             return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
         outputs = scoring(**inputs)  # the labels stay in the batch: the model's loss is smoothed
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else None
+        loss = outputs[0] if isinstance(outputs, tuple) else outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
             raise ValueError(
                 "label_smoothing_factor is set but the Higgs Audio model returned no loss: apply the "
@@ -96,7 +98,7 @@ class _ScoresItsOutputs:
                 batch = dict(inputs)
                 if batch.get("label_ids") is None and batch.get("labels") is not None:
                     batch["label_ids"] = batch["labels"]  # as forward-kwargs-filter passes them on
-                result = higgs_audio_loss(outputs, batch, **model_loss_weights(), label_smoothing=self.epsilon)
+                result = higgs_audio_loss(outputs, batch)  # model-loss's weights and this smoothing: loss.settings()
                 model_loss.put_first(outputs, model_loss.fields(result))
         finally:
             trainer_label_smoothing.reset(token)
@@ -106,12 +108,30 @@ class _ScoresItsOutputs:
         return getattr(self.model, name)
 
 
-def model_loss_weights() -> dict[str, float | None]:
-    """The loss weights model-loss is applied with in this process (none: the mean), as the engine
-    publishes them on every apply() and revert()."""
-    published = os.environ.get(environment.ACTIVATE)
-    found = environment.decode(published)[0].get("model-loss", {}) if published else {}
-    return {name: model_loss.weight(found.get(name, False)) for name in model_loss.WEIGHTS}
+def smooth_predictions(original: Callable[..., Any], options: Mapping[str, Any]):
+    """Layer on ``Trainer.prediction_step``: evaluation losses are smoothed as training losses are,
+    whoever computes them (a subclass's compute_loss included)."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        with _smoothing(instance, args[0] if args else kwargs.get("model")):
+            return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _smoothing(trainer: Any, model: Any):
+    """The Trainer's ``label_smoothing_factor`` in force for every Higgs Audio loss computed inside,
+    unless it has none, its ``compute_loss_func`` computes the loss, or the model holds no Higgs Audio model."""
+    smoother = getattr(trainer, "label_smoother", None)
+    if smoother is None or getattr(trainer, "compute_loss_func", None) is not None or not holds_higgs_audio(model):
+        yield
+        return
+    token = trainer_label_smoothing.set(float(smoother.epsilon))
+    try:
+        yield
+    finally:
+        trainer_label_smoothing.reset(token)
 
 
 def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):
@@ -121,8 +141,8 @@ def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any])
         model, num_items_in_batch = _bind_training_step(*args, **kwargs)
         if not holds_higgs_audio(model):
             return wrapped(*args, **kwargs)
-        window = _window(instance)
-        with _recording() as losses:
+        window = _window(instance, model)
+        with _recording() as losses, _smoothing(instance, model):
             value = wrapped(*args, **kwargs)
         _components(instance).add_all(losses)
         if not _corrects(instance, num_items_in_batch):
@@ -215,15 +235,37 @@ class _Window:
         return value + logged * (steps / count - 1)
 
 
-def _window(trainer: Any) -> _Window:
+def _window(trainer: Any, model: Any) -> _Window:
     with _lock:
         window = _windows.get(trainer)
         starts = window is None or window.state is not trainer.state
         if starts:
             window = _windows[trainer] = _Window(trainer.state)
-    if starts:  # a new training run: the engine says (once) if a patched function was replaced since apply()
-        events.announce(events.TRAINING_STARTS)
+    if starts:  # a new training run: the engine checks the model and says (once) if a patched function was replaced
+        events.announce(events.TRAINING_STARTS, model)
+        _refuse_what_ddp_cannot_run(model)
     return window
+
+
+def _refuse_what_ddp_cannot_run(model: Any) -> None:
+    """Reentrant checkpointing under DDP's search for unused parameters fails in the first backward
+    (``Expected to mark a variable ready only once``): say so, and what to set, before the first step."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or not model.find_unused_parameters:
+        return
+    if any(getattr(m, "gradient_checkpointing", False) is True and _reentrant(m) for m in model.modules()):
+        raise ValueError(
+            "gradient checkpointing with use_reentrant=True (transformers' default) cannot run under DDP with "
+            "ddp_find_unused_parameters=True: DDP would take the checkpointed layers' parameters for unused, then "
+            "see their gradients (RuntimeError: Expected to mark a variable ready only once). With higgs-patch "
+            "every parameter of a Higgs Audio model takes part in every step, so set ddp_find_unused_parameters=False "
+            "(the Trainer's choice for a bare model with checkpointing; a PEFT model needs it said), or pass "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+
+
+def _reentrant(module: torch.nn.Module) -> bool:
+    checkpoint = getattr(module, "_gradient_checkpointing_func", None)
+    return getattr(checkpoint, "keywords", {}).get("use_reentrant") is not False  # torch's default is reentrant
 
 
 class _Components:

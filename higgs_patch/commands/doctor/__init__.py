@@ -15,7 +15,7 @@ from typing import Any
 
 from ... import engine, install_advice, upstream
 from ...errors import PatchError
-from . import hook, imports, origin, stack
+from . import hook, imports, lora, origin, stack
 from .patches import check_patch
 from .render import render
 from .report import FAIL, OK, SCHEMA, WARN, Check, PatchReport, Report, one_line
@@ -31,9 +31,11 @@ def run() -> Report:
         return Report(facts, [stack.check_python(facts), stack.check_platform(facts), *unreadable], [])
     declarations = list(engine.known().values())
     started = time.perf_counter()
+    probe = lora.start()  # a fresh interpreter trying LoRA, beside this one's imports
     names = ["torch", "transformers", *(m for d in declarations for m in d.modules)]
     imported = imports.import_all(names)
     order = imports.check_import_order(declarations, imported, names)
+    tried_lora = lora.finish(probe)
     import_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -44,7 +46,8 @@ def run() -> Report:
         stack.check_torchaudio(facts),
         stack.check_required(facts, "transformers", imported),
         stack.check_required(facts, "accelerate", imported),
-        stack.check_optional(facts, "peft", "for LoRA"),
+        peft := stack.check_optional(facts, "peft", "for LoRA"),
+        *filter(None, [lora.check_lora(facts, peft, tried_lora)]),
         stack.check_wrapt(facts),
         origin.check_upstream(facts, imported),
         order.check,

@@ -115,12 +115,12 @@ def _unfingerprinted(target: Target) -> Check:
 
 def _dry_run(declaration: Declaration, state: str, would_apply: bool, states: dict[str, Any]) -> tuple[str, Check]:
     """Apply and revert in this process; the originals must be back, by identity."""
-    if state in ("applied", "bypassed", "pending"):
+    if state in engine.ACTIVE:
         return "skipped", Check("dry run", OK, f"skipped: {state} in this process, left as it is")
     if not would_apply:
         return "skipped", Check("dry run", WARN, "skipped: it would not apply")
     # A target another applied patch already wraps keeps its wrapper while this one is on: layers stack.
-    shared = {path for s in states.values() if s.state in ("applied", "pending") for path in s.targets}
+    shared = {path for s in states.values() if s.state in engine.ACTIVE for path in s.targets}
     before = {t.path: _resolve(t) for t in declaration.targets}
     problems = []
     try:

@@ -1,0 +1,188 @@
+"""DDP on mixed data: torchrun, 2 gloo ranks, half the samples without ``<|AUDIO_OUT|>``.
+
+A step in which one rank's batch has no audio-out (or no audio at all) leaves the audio head (and
+the audio codebook embeddings) out of that rank's graph. With ``ddp_find_unused_parameters=False``
+(DDP's own advice, and the Trainer's choice under gradient checkpointing) the ranks then wait for
+each other forever. Patched, every parameter takes part in every step (an exact zero where there is
+nothing to score), so every setting finishes with the same weights on both ranks and the same update
+as ``find_unused_parameters=True``; the one combination DDP cannot run (reentrant checkpointing with
+``find_unused_parameters=True``) is a clear error at the first step.
+
+All cases run in one torchrun launch (each case a Trainer of its own, in the same process group),
+killed whole if it outlives its timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import higgs_patch
+import tiny
+
+TESTS = str(Path(__file__).parent)
+TIMEOUT = 180  # seconds each rank may live; a hang shows as a failed test, never as a stuck suite
+
+SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, tempfile
+    import torch, torch.distributed as dist
+
+    signal.alarm(int(sys.argv[4]))  # a rank that hangs ends itself, whatever became of its launcher
+    from torch.utils.data import SequentialSampler
+    import higgs_patch, tiny
+    from transformers import Trainer, TrainingArguments
+
+    if sys.argv[3] == "patched":
+        higgs_patch.apply()
+    # Batches of 2 in this order; rank r takes batches r, r + 2: rank 0 [voice, voice], [voice, asr];
+    # rank 1 [text, text] (no audio token at all), [asr, voice]. Half the samples have no audio-out.
+    DATA = [tiny.sample(0), tiny.sample(1), tiny.without_audio_out(2, keep_audio_in=False),
+            tiny.without_audio_out(3, keep_audio_in=False), tiny.sample(4), tiny.without_audio_out(5),
+            tiny.without_audio_out(6), tiny.sample(7)]
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self):
+            return SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            self.audio_out.append(int(inputs["audio_out_ids"].shape[-1]))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    rank = int(os.environ["RANK"])
+    for name, settings in json.loads(sys.argv[2]).items():
+        model = tiny.model()
+        if settings.pop("lora", False):
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                 remove_unused_columns=False, disable_tqdm=True, ddp_backend="gloo", **settings)
+        trainer = InOrder(model=model, args=args, train_dataset=DATA, data_collator=tiny.DictCollator(tiny.collator()))
+        trainer.audio_out = []
+        try:
+            trainer.train()
+            result = {"audio_out": trainer.audio_out, "state": {k: v.detach() for k, v in model.state_dict().items()}}
+        except Exception as exc:
+            result = {"error": f"{type(exc).__name__}: {exc}", "steps": len(trainer.audio_out)}
+        torch.save(result, os.path.join(sys.argv[1], f"{name}.rank{rank}.pt"))
+        dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # torch 2.13's gloo can abort while the interpreter tears down; the results are on disk
+""")
+
+REFERENCE = "find_unused_parameters=True"
+CASES = {
+    REFERENCE: {"ddp_find_unused_parameters": True},
+    "find_unused_parameters=False": {"ddp_find_unused_parameters": False},
+    "checkpointing (reentrant)": {"gradient_checkpointing": True},
+    "checkpointing (non-reentrant)": {"gradient_checkpointing": True,
+                                      "gradient_checkpointing_kwargs": {"use_reentrant": False}},
+    "checkpointing (non-reentrant), find_unused_parameters=True": {
+        "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "ddp_find_unused_parameters": True},
+    "checkpointing (reentrant), find_unused_parameters=True": {
+        "gradient_checkpointing": True, "ddp_find_unused_parameters": True},
+}
+REFUSED = "checkpointing (reentrant), find_unused_parameters=True"
+LORA_REFERENCE = "LoRA, find_unused_parameters=True"
+CASES.update({
+    LORA_REFERENCE: {"lora": True, "ddp_find_unused_parameters": True},
+    "LoRA, checkpointing (reentrant), find_unused_parameters=False": {
+        "lora": True, "gradient_checkpointing": True, "ddp_find_unused_parameters": False},
+})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(folder: Path, cases: dict, patched: bool = True) -> subprocess.CompletedProcess | None:
+    """Both ranks in their own process group, killed together after TIMEOUT; None if they were."""
+    script = folder / "ddp.py"
+    script.write_text(SCRIPT)
+    runner = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    command = [runner, "--nproc_per_node=2", f"--master_port={free_port()}", str(script), str(folder),
+               json.dumps(cases), "patched" if patched else "unpatched", str(TIMEOUT)]
+    environ = {k: v for k, v in os.environ.items() if k != "HIGGS_PATCH_ACTIVATE"}
+    environ.update(PYTHONPATH=TESTS, OMP_NUM_THREADS="1")
+    log = folder / "torchrun.log"
+    with open(log, "w") as output:  # not a pipe: a surviving rank would keep it open
+        launch = subprocess.Popen(command, cwd=folder, env=environ, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            launch.wait(timeout=TIMEOUT + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)  # the ranks' own alarm has ended them by now
+            launch.wait()
+            return None
+    return subprocess.CompletedProcess(command, launch.returncode, log.read_text(), "")
+
+
+def results(folder: Path, case: str) -> list[dict]:
+    return [torch.load(folder / f"{case}.rank{rank}.pt") for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def patched_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    done = torchrun(folder, CASES)
+    assert done is not None, f"the ranks did not finish within {TIMEOUT} s"
+    assert done.returncode == 0, done.stdout[-4000:]
+    return folder
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in (REFERENCE, REFUSED, LORA_REFERENCE)])
+def test_every_setting_finishes_on_mixed_data_with_the_update_of_find_unused_parameters(patched_run, case):
+    reference, _ = results(patched_run, LORA_REFERENCE if case.startswith("LoRA") else REFERENCE)
+    assert "error" not in reference, reference
+    ranks = results(patched_run, case)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    # the data did what it is for: a step where rank 0 had audio-out and rank 1 had no audio at all
+    assert ranks[0]["audio_out"][0] > 0 and ranks[1]["audio_out"][0] == 0 and len(ranks[0]["audio_out"]) == 4
+    for name, value in reference["state"].items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{name} differs between ranks"
+        assert torch.equal(ranks[0]["state"][name], value), f"{name} differs from {REFERENCE}'s update"
+    if case.startswith("LoRA"):  # the adapters trained (lora_B starts at zero)
+        assert all(value.abs().max() > 0 for name, value in ranks[0]["state"].items() if "lora_B" in name)
+    else:  # and the audio head, which rank 1's first batch had nothing for
+        head = "audio_decoder_proj.audio_lm_head.weight"
+        assert not torch.equal(ranks[0]["state"][head], tiny.model().state_dict()[head])
+
+
+def test_reentrant_checkpointing_with_find_unused_parameters_is_a_clear_error_at_the_first_step(patched_run):
+    for rank in results(patched_run, REFUSED):
+        assert rank["steps"] == 0  # raised before the first forward
+        assert rank["error"].startswith("ValueError: gradient checkpointing with use_reentrant=True")
+        for says in ("ddp_find_unused_parameters=True", "ddp_find_unused_parameters=False",
+                     "gradient_checkpointing_kwargs={'use_reentrant': False}"):
+            assert says in rank["error"]
+
+
+def test_every_parameter_takes_part_in_a_step_without_audio_out_or_without_audio():
+    """The same in one process: what DDP waits for is a gradient for every trainable parameter."""
+    batches = {"asr-like": [tiny.without_audio_out(0), tiny.without_audio_out(1)],
+               "text only": [tiny.without_audio_out(0, keep_audio_in=False)]}
+    upstream = {name: tiny.model()(**tiny.DictCollator(tiny.collator(), with_labels=False)(samples)).logits
+                for name, samples in batches.items()}
+    with higgs_patch.applied():
+        for name, samples in batches.items():
+            model = tiny.model().train()
+            batch = tiny.DictCollator(tiny.collator())(samples)
+            outputs = model(**batch)
+            outputs.loss.backward()
+            missing = [n for n, p in model.named_parameters() if p.grad is None]
+            assert not missing, f"{name}: {missing}"
+            assert float(model.audio_decoder_proj.audio_lm_head.weight.grad.abs().max()) == 0.0
+            assert torch.equal(outputs.logits, upstream[name])  # the zeros change no value
