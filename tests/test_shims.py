@@ -222,6 +222,39 @@ def test_the_audio_tower_computes_4_46s_loss():
                 higgs_patch.apply("whisper-layer-calls")
 
 
+def test_from_pretrained_gives_the_saved_models_rotary_frequencies_and_logits(tmp_path):
+    model = tiny.model().eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = tiny.HiggsAudioModel.from_pretrained(str(tmp_path)).eval()
+    for name, buffer in model.named_buffers():
+        assert torch.equal(dict(loaded.named_buffers())[name], buffer), name
+    batch = tiny.DictCollator(tiny.collator(), with_labels=False)(tiny.samples(2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_boson_initialises_no_rotary_frequencies_itself_and_the_shim_computes_them():
+    """The cause, deterministic (what from_pretrained leaves is whatever memory it got): boson's _init_weights
+    leaves a rotary embedding's buffers as they are; transformers >= 5.0 fills those through it on load."""
+    model = tiny.model()
+    rotary = model.rotary_emb
+    expected = rotary.inv_freq.clone()
+    served = "rotary-buffers-on-load" in needed.shims()
+    if served:
+        higgs_patch.revert("rotary-buffers-on-load")
+    try:
+        rotary.inv_freq.fill_(float("nan")), rotary.original_inv_freq.fill_(float("nan"))
+        model._init_weights(rotary)
+        assert rotary.inv_freq.isnan().all() and rotary.original_inv_freq.isnan().all()
+    finally:
+        if served:
+            higgs_patch.apply("rotary-buffers-on-load")
+    if not served:
+        return  # this transformers computes them in the constructor, on load too (the test above)
+    model._init_weights(rotary)
+    assert torch.equal(rotary.inv_freq, expected) and torch.equal(rotary.original_inv_freq, expected)
+
+
 # --- generation: each shim's breakage, and the cache buckets --------------------------------------------------
 
 
