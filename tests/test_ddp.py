@@ -149,13 +149,18 @@ def results(folder: Path, case: str) -> list[dict]:
     return [torch.load(folder / f"{case}.rank{rank}.pt") for rank in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def patched_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp")
-    done = torchrun(folder, CASES)
+def launched(tmp_path_factory, name: str, cases: dict) -> Path:
+    """The folder of one torchrun launch of ``cases`` that finished, each rank within the timeout."""
+    folder = tmp_path_factory.mktemp(name)
+    done = torchrun(folder, cases)
     assert done is not None, f"the ranks did not finish within {TIMEOUT} s"
     assert done.returncode == 0, done.stdout[-4000:]
     return folder
+
+
+@pytest.fixture(scope="module")
+def patched_run(tmp_path_factory):
+    return launched(tmp_path_factory, "ddp", CASES)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (REFERENCE, REFUSED, LORA_REFERENCE)])
@@ -198,11 +203,7 @@ WRAPPED = {
 
 @pytest.fixture(scope="module")
 def wrapper_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp-wrapper")
-    done = torchrun(folder, WRAPPED)
-    assert done is not None, f"the ranks did not finish within {TIMEOUT} s"
-    assert done.returncode == 0, done.stdout[-4000:]
-    return folder
+    return launched(tmp_path_factory, "ddp-wrapper", WRAPPED)
 
 
 def update(folder: Path, case: str) -> tuple[dict[str, torch.Tensor], list[float]]:
