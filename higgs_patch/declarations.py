@@ -31,12 +31,16 @@ class Target:
     A target that is a module (the collator's ``torch``) names the functions read through it that
     the wrapper applies to, in ``names``. Where several patches wrap one target, a higher ``order``
     runs outside a lower one (equal orders: the one applied first is innermost).
+
+    A target that ``adds`` is a name its module or class lacks (declared with ``provides``): the
+    factory, ``factory(holder, options)``, makes the object put there; revert removes it again.
     """
 
     path: str
     wrapper: str
     names: tuple[str, ...] = ()
     order: int = 0
+    adds: bool = False
 
     @property
     def module(self) -> str:
@@ -116,6 +120,12 @@ class Declaration:
     targets: tuple[Target, ...]
     options: Mapping[str, Option] = field(default_factory=dict)
     requires: Mapping[str, SpecifierSet] = field(default_factory=dict)
+    cause: str = ""  # why the symptom happens (optional; the fix module's docstring says it at length)
+    change: str = ""  # what the patch changes
+    #: The version lines it is for: any one table, every distribution in it (empty: every line).
+    serves: tuple[Mapping[str, SpecifierSet], ...] = ()
+    #: Modules that fail to import, or are built wrong, unless this patch is in place before their import.
+    before_import: tuple[str, ...] = ()
     source: str = field(default="<declaration>", compare=False)
 
     @property
@@ -128,9 +138,10 @@ class Declaration:
         return {name: option.default for name, option in self.options.items()}
 
 
-FIELDS = {"id": str, "version": str, "summary": str, "symptom": str, "default": bool, "targets": list,
-          "options": dict, "requires": dict}
-TARGET_FIELDS = {"path": str, "wrapper": str, "names": list, "order": int}
+FIELDS = {"id": str, "version": str, "summary": str, "symptom": str, "cause": str, "change": str, "default": bool,
+          "targets": list,
+          "options": dict, "requires": dict, "serves": (dict, list), "before_import": list}
+TARGET_FIELDS = {"path": str, "wrapper": str, "provides": str, "names": list, "order": int}
 OPTION_FIELDS = {"default": (str, bool, int, float), "type": str, "choices": list, "minimum": (int, float),
                  "maximum": (int, float), "allow_false": bool, "description": str}
 #: Where a top-level field belongs, for the message when TOML put it inside a table.
@@ -157,44 +168,72 @@ def parse(data: Mapping[str, Any], source: str = "<declaration>") -> Declaration
     if not targets:
         raise fail("declares no targets")
 
-    requires = {}
-    for distribution, spec in schema.check_mapping(data.get("requires", {}), f"{source}: requires", str,
-                                                   DeclarationError).items():
-        try:
-            requires[distribution] = SpecifierSet(spec)
-        except InvalidSpecifier as exc:
-            raise fail(f"requires.{distribution} {spec!r} is not a PEP 440 specifier") from exc
+    requires = _specifiers(data.get("requires", {}), "requires", source, fail)
+    serves = data.get("serves", ())
+    if isinstance(serves, dict):
+        serves = [serves]
+    if "serves" in data and not serves:
+        raise fail("field 'serves' is an empty array; leave it out for a patch every line needs")
+    lines = tuple(_specifiers(table, f"serves[{i}]" if isinstance(data["serves"], list) else "serves", source, fail)
+                  for i, table in enumerate(serves))
+    if any(not line for line in lines):
+        raise fail("a table of 'serves' is empty: name at least one distribution = specifier")
+    before_import = data.get("before_import", [])
+    if not all(isinstance(name, str) and all(part.isidentifier() for part in name.split(".")) for name in before_import):
+        raise fail(f"field 'before_import' must be a list of module names, not {before_import!r}")
 
     return Declaration(
         id=data["id"],
         version=version,
         summary=data["summary"],
         symptom=data["symptom"].strip(),
+        cause=data.get("cause", "").strip(),
+        change=data.get("change", "").strip(),
         default=data.get("default", True),
         targets=targets,
         options={name: _parse_option(name, table, f"{source}: options.{name}", fail)
                  for name, table in data.get("options", {}).items()},
         requires=requires,
+        serves=lines,
+        before_import=tuple(before_import),
         source=source,
     )
 
 
+def _specifiers(table: Any, where: str, source: str, fail) -> dict[str, SpecifierSet]:
+    """A table of distribution = PEP 440 specifier, read strictly."""
+    found = {}
+    for distribution, spec in schema.check_mapping(table, f"{source}: {where}", str, DeclarationError).items():
+        try:
+            found[distribution] = SpecifierSet(spec)
+        except InvalidSpecifier as exc:
+            raise fail(f"{where}.{distribution} {spec!r} is not a PEP 440 specifier") from exc
+    return found
+
+
 def _parse_target(entry: Any, where: str, fail) -> Target:
-    schema.check_fields(entry, where, TARGET_FIELDS, required=("path", "wrapper"), elsewhere=TOP_LEVEL,
-                        error=DeclarationError)
-    path, wrapper = entry["path"], entry["wrapper"]
+    schema.check_fields(entry, where, TARGET_FIELDS, required=("path",), elsewhere=TOP_LEVEL, error=DeclarationError)
+    path = entry["path"]
     if path.count(":") != 1 or not all(path.split(":")):
         raise fail(f"target {path!r} is not of the form 'module:Qualified.name'")
+    if ("wrapper" in entry) == ("provides" in entry):
+        raise fail(f"target {path!r} needs exactly one of 'wrapper' (the factory of what wraps it) or "
+                   "'provides' (the factory of a name its module or class lacks)")
+    adds = "provides" in entry
+    wrapper = entry["provides"] if adds else entry["wrapper"]
+    misplaced = [name for name in ("names", "order") if name in entry]
+    if adds and misplaced:
+        raise fail(f"target {path!r} provides a name: {', '.join(misplaced)} only applies to a wrapped target")
     module, _, name = wrapper.partition(":")
     if not name or (module != IMPLEMENTATION_PACKAGE and not module.startswith(IMPLEMENTATION_PACKAGE + ".")):
         raise fail(
-            f"wrapper {wrapper!r} of target {path!r} must be 'module:function' inside the "
+            f"{'provides' if adds else 'wrapper'} {wrapper!r} of target {path!r} must be 'module:function' inside the "
             f"{IMPLEMENTATION_PACKAGE!r} package; implementations elsewhere are refused"
         )
     names = entry.get("names", [])
     if not all(isinstance(name, str) and name.isidentifier() for name in names):
         raise fail(f"names of target {path!r} must be a list of identifiers")
-    return Target(path=path, wrapper=wrapper, names=tuple(names), order=entry.get("order", 0))
+    return Target(path=path, wrapper=wrapper, names=tuple(names), order=entry.get("order", 0), adds=adds)
 
 
 def _parse_option(name: str, table: Any, where: str, fail) -> Option:
@@ -239,6 +278,7 @@ def load_all(folder: Any = None) -> dict[str, Declaration]:
     checked together, so that one bad file fails the load before anything is applied."""
     found: dict[str, Declaration] = {}
     owners: dict[str, Declaration] = {}
+    added: dict[str, Declaration] = {}
     folder = folder if folder is not None else resources.files("higgs_patch.patches")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".toml"):
@@ -254,5 +294,11 @@ def load_all(folder: Any = None) -> dict[str, Declaration]:
                     f"(patch {owners[name].id!r}); an option belongs to one patch"
                 )
             owners[name] = declaration
+        for target in declaration.targets:
+            if target.adds and target.path in added:
+                raise DeclarationError(f"patches/{entry.name}: {target.path} is also provided by "
+                                       f"{added[target.path].source}; a name is added by one patch")
+            if target.adds:
+                added[target.path] = declaration
         found[declaration.id] = declaration
     return found

@@ -31,11 +31,11 @@ import wrapt
 from . import declarations, environment, events, gate, in_force, upstream
 from .declarations import Declaration
 from .errors import IncompatibleUpstreamError, OptionError, PatchError
-from .slots import Layer, Slot
+from .slots import AlreadyThere, Layer, Slot
 
 log = logging.getLogger("higgs_patch")
 
-State = Literal["applied", "bypassed", "pending", "not-applied", "incompatible"]
+State = Literal["applied", "bypassed", "pending", "not-applied", "not-needed", "incompatible"]
 #: The states of a patch this process has applied or is waiting to install (bypassed: applied, its target
 #: replaced since): what revert() would take back.
 ACTIVE: frozenset[State] = frozenset({"applied", "bypassed", "pending"})
@@ -64,6 +64,7 @@ class _Record:
     layers: list[tuple[Slot, Layer]] = field(default_factory=list)
     refusal: PatchError | None = None  # raised again in every import of ``blocking`` until revert()
     blocking: set[str] = field(default_factory=set)
+    preceded: set[str] | None = None  # the before_import modules not yet imported when it was first installed
 
 
 _lock = threading.RLock()  # records, slots, waiting lists; never held while waiting for an import
@@ -264,14 +265,16 @@ def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modu
     own = {name: modules[name] for name in declaration.modules}
     options = {**declaration.defaults, **chosen}
     verdict = gate.judge(declaration, force, own)
+    if verdict.not_needed:
+        _not_needed(declaration, record, verdict.not_needed)
+        return False
     if verdict.refusal is not None:
         _refuse(declaration, record, verdict.refusal)
     warnings = verdict.accept()
     record.options, record.force, record.warnings = options, force, []
     record.missing = {name for name, module in own.items() if module is None}
     if not record.missing:
-        _install(declaration, record, own, warnings)
-        return True
+        return _install(declaration, record, own, warnings)
     _warn(record, warnings)  # forced now, whether or not the import ever comes
     missing = sorted(record.missing)
     record.state, record.reason = "pending", f"waiting for {', '.join(missing)} to be imported"
@@ -293,6 +296,9 @@ def _on_import(module: ModuleType) -> None:
     if getattr(_local, "registering", None) == name:
         _local.appeared = True  # wrapt calling us from register_post_import_hook: apply() decides this one
         return
+    # A module may put another object in its place while it runs (transformers puts a lazy module there):
+    # what importers get is what gets patched.
+    module = sys.modules.get(name) or module
     _executed[name] = module
     with _hook_lock:
         _hooked.discard(name)
@@ -345,15 +351,23 @@ def _arrived(patch_id: str, name: str, module: ModuleType) -> PatchError | None:
 
 
 def _install(declaration: Declaration, record: _Record, modules: Mapping[str, ModuleType | None],
-             warnings: list[str]) -> None:
+             warnings: list[str]) -> bool:
+    """Put every layer of the patch in place; False (not needed) when a name it adds is already there."""
     _warn(record, warnings)
     try:
         for target in declaration.targets:
-            slot = _slots.get(target.path) or Slot(target.path, modules[target.module], target.qualname, target.names)
-            layer = _factory(target.wrapper)(slot.original, record.options)
+            slot = _slots.get(target.path) or Slot(target.path, modules[target.module], target.qualname, target.names,
+                                                   target.adds)
+            # what a factory is made from: the name's holder for an added name, the original for a wrapped one
+            layer = _factory(target.wrapper)(slot.parent if target.adds else slot.original, record.options)
             slot.add(layer, target.order)
             _slots[target.path] = slot
             record.layers.append((slot, layer))
+    except AlreadyThere as exc:
+        _remove_layers(record)
+        _not_needed(declaration, record, f"{exc}: nothing to add, and what is there is left alone")
+        log.warning("(already-there) patch %s: %s", declaration.id, record.reason)
+        return False
     except Exception:
         _remove_layers(record)
         record.state, record.reason = "not-applied", "failed while installing"
@@ -361,6 +375,28 @@ def _install(declaration: Declaration, record: _Record, modules: Mapping[str, Mo
     record.state = "applied"
     record.reason = "forced over unrecognised upstream" if record.warnings else ""
     log.info("patch %s %s applied to %s", declaration.id, declaration.version, ", ".join(t.path for t in declaration.targets))
+    _after_import(declaration, record)
+    return True
+
+
+def _not_needed(declaration: Declaration, record: _Record, reason: str) -> None:
+    record.state, record.reason, record.missing = "not-needed", reason, set()
+    log.info("patch %s %s %s", declaration.id, declaration.version, reason)
+
+
+def _after_import(declaration: Declaration, record: _Record) -> None:
+    """Say so when a module this patch must precede was imported before it was first in place (what that
+    import built, it built unpatched)."""
+    imported = {name for name in declaration.before_import if _complete(name, sys.modules.get(name))}
+    if record.preceded is None:
+        record.preceded = set(declaration.before_import) - imported
+    early = sorted(imported - record.preceded)
+    if early:
+        log.warning(
+            "(applied-after-import) patch %s must be in place before %s is imported, and it was imported "
+            "before higgs_patch.apply(): call apply() first (or start the program with higgs-patch run)",
+            declaration.id, " and ".join(early),
+        )
 
 
 def _warn(record: _Record, warnings: list[str]) -> None:
@@ -392,6 +428,8 @@ def _revert_one(patch_id: str) -> None:
     if record is None:
         return
     _unblock(patch_id, record)
+    if record.state == "not-needed":
+        record.state, record.reason = "not-applied", ""
     if record.state not in ("applied", "pending"):
         return
     record.missing.clear()
@@ -475,6 +513,13 @@ def _name_the_others(exc: IncompatibleUpstreamError, others: list[Declaration]) 
     if applicable:
         ids = ", ".join(repr(patch_id) for patch_id in applicable)
         exc.args = (f"{exc}\nthe other patches of this call can still be applied by id: higgs_patch.apply({ids})",)
+    first = [d for d in others if d.id in applicable and d.before_import]
+    if first:
+        modules = sorted({name for d in first for name in d.before_import})
+        ids = ", ".join(repr(d.id) for d in first)
+        exc.args = (f"{exc}\nnothing of this call is applied, so {' and '.join(modules)} cannot be imported here "
+                    f"without {ids} (this stack needs them before that import): apply them first, before "
+                    f"importing it: higgs_patch.apply({ids})",)
 
 
 def _forget_reloaded() -> bool:

@@ -83,14 +83,35 @@ class CodeCheck:
 def conflicts(declaration: Declaration) -> list[Conflict]:
     found = []
     for distribution, spec in declaration.requires.items():
-        try:
-            version = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            found.append(Conflict(distribution, str(spec), None))
-            continue
-        if not spec.contains(version, prereleases=True):
+        version = _installed(distribution)
+        if version is None or not spec.contains(version, prereleases=True):
             found.append(Conflict(distribution, str(spec), version))
     return found
+
+
+def off_line(declaration: Declaration) -> str:
+    """Why the patch is not needed on this stack ("" when it is): no table of its ``serves`` holds.
+
+    A table holds when every distribution it names is installed in its range, or not installed at
+    all (a checkout on PYTHONPATH has no version to be off a line by).
+    """
+    if not declaration.serves or any(all(_within(d, spec) for d, spec in line.items()) for line in declaration.serves):
+        return ""
+    lines = " or ".join(", ".join(f"{d}{spec}" for d, spec in line.items()) for line in declaration.serves)
+    found = ", ".join(f"{d} {_installed(d)}" for d in dict.fromkeys(d for line in declaration.serves for d in line))
+    return f"not needed here: it serves {lines}; found {found}"
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _within(distribution: str, spec) -> bool:
+    version = _installed(distribution)
+    return version is None or spec.contains(version, prereleases=True)
 
 
 def definition(target: Target, holder: ModuleType | None = None) -> tuple[str, str | None]:
@@ -126,7 +147,7 @@ def code_checks(declaration: Declaration, modules: Mapping[str, ModuleType | Non
     knowledge = upstream.knowledge()
     checks = []
     for target in declaration.targets:
-        if knowledge.must_match(target.path):
+        if knowledge.must_match(target.path) and not target.adds:  # an added name has no code of its own to check
             if modules is not None and modules.get(target.module) is None:
                 try:
                     path, qualname = static_definition(target)
@@ -148,7 +169,8 @@ class Verdict:
 
     ``problems`` are what stands in the way (version conflicts, unknown code, code that could not be
     fingerprinted: ``unreadable``); a patch with problems is refused, or, when forced, passes with
-    ``warnings`` that say what forcing risks.
+    ``warnings`` that say what forcing risks. A patch off the lines it serves is ``not_needed``
+    (why, in words): neither applied nor refused, and nothing else is checked.
     """
 
     conflicts: tuple[Conflict, ...]
@@ -157,6 +179,7 @@ class Verdict:
     problems: tuple[str, ...]
     refusal: IncompatibleUpstreamError | None
     warnings: tuple[str, ...]
+    not_needed: str = ""
 
     @property
     def applies(self) -> bool:
@@ -181,6 +204,9 @@ def judge(declaration: Declaration, force: bool, modules: Mapping[str, ModuleTyp
     help with; a distribution that is not installed and whose code cannot be imported either cannot be forced.
     """
     upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
+    reason = off_line(declaration)
+    if reason:
+        return Verdict((), (), None, (), None, (), reason)
     found = conflicts(declaration) if stack else []
     unreadable = None
     try:
@@ -225,7 +251,7 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
     return [
         d.id for d in declarations
         if not (verdict := judge(d, False, {name: sys.modules.get(name) for name in d.modules})).problems
-        and verdict.applies
+        and verdict.applies and not verdict.not_needed
     ]
 
 

@@ -10,11 +10,17 @@ our proxy stays beneath it as a pass-through, and we say so.
 A target that is a module (the collator's global ``torch``) gets a view instead: a module object
 with the same attributes in which the declared functions run the layers. Only the module holding the
 view sees a difference, and reading any other attribute through it costs what it always did.
+
+A slot can also hold a name its module or class lacks (``adds``): its one layer is the object put
+there, a module added to a package is importable under its dotted name too, and when the layer goes
+the name goes, unless someone replaced our object meanwhile (then theirs stays, and we say so).
+A name that is already there is never replaced: :class:`AlreadyThere` says what stands there.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import logging
 import sys
@@ -28,18 +34,38 @@ log = logging.getLogger("higgs_patch")
 Layer = Callable[[Callable[..., Any], Any, tuple, dict], Any]
 
 
+class AlreadyThere(LookupError):
+    """The name a slot would add is already there (the upstream defines it, or something else added it)."""
+
+
 class Slot:
-    def __init__(self, path: str, module: ModuleType, qualname: str, names: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: str, module: ModuleType, qualname: str, names: tuple[str, ...] = (),
+                 adds: bool = False) -> None:
         self.path = path
         self.names = names
+        self.adds = adds
         self.module, self.spec = module, module.__spec__
-        self.parent, self.name, self.original = wrapt.resolve_path(module, qualname)
+        if adds:
+            holder, _, self.name = qualname.rpartition(".")
+            self.parent = wrapt.resolve_path(module, holder)[2] if holder else module
+            self.original = None
+            _refuse_present(self.parent, self.name, path)
+        else:
+            self.parent, self.name, self.original = wrapt.resolve_path(module, qualname)
         self._owned = not inspect.isclass(self.parent) or self.name in vars(self.parent)
         self.layers: tuple[Layer, ...] = ()
         self._orders: dict[int, int] = {}  # id(layer) -> order
         self.installed: object | None = None
 
     def add(self, layer: Layer, order: int = 0) -> None:
+        if self.adds:
+            if self.installed is not None:
+                raise AlreadyThere(f"{self.path} already holds an object added by higgs_patch")
+            setattr(self.parent, self.name, layer)
+            if self._submodule(layer):
+                sys.modules[layer.__name__] = layer
+            self.installed, self.layers = layer, (layer,)
+            return
         if self.installed is None:
             installed = self._proxy()
             wrapt.apply_patch(self.parent, self.name, installed)
@@ -74,8 +100,14 @@ class Slot:
         or replacement over ours on the same class does not count: revert() deals with that."""
         if self.installed is None:
             return False
+        if self._submodule(self.installed):  # its own entry, whatever becomes of its package (transformers remakes itself)
+            return sys.modules.get(self.installed.__name__) is self.installed
         module = sys.modules.get(self.module.__name__)
         return module is None or (module is self.module and module.__spec__ is self.spec)
+
+    def _submodule(self, value: object) -> bool:
+        """Whether ``value`` is a module this slot adds to a package: importable by its dotted name."""
+        return self.adds and isinstance(value, ModuleType) and isinstance(self.parent, ModuleType)
 
     def discard(self) -> None:
         """Forget this slot after its module was reloaded: the original goes back only where our proxy
@@ -85,7 +117,12 @@ class Slot:
         self.layers, self.installed = (), None
 
     def _restore(self) -> None:
-        if self._owned:
+        if self._submodule(self.installed):
+            if sys.modules.get(self.installed.__name__) is self.installed:
+                del sys.modules[self.installed.__name__]
+            if vars(self.parent).get(self.name) is self.installed:
+                delattr(self.parent, self.name)
+        elif self._owned and not self.adds:
             setattr(self.parent, self.name, self.original)
         else:
             delattr(self.parent, self.name)
@@ -121,9 +158,11 @@ class Slot:
         return item is self.installed or (type(item) is BoundProxy and item._self_parent is self.installed)
 
     def _current(self) -> object:
+        if self._submodule(self.installed):
+            return sys.modules.get(self.installed.__name__)
         if inspect.isclass(self.parent):
             return vars(self.parent).get(self.name)
-        return getattr(self.parent, self.name, None)
+        return vars(self.parent).get(self.name) if self.adds else getattr(self.parent, self.name, None)
 
     def _proxy(self) -> object:
         if isinstance(self.original, ModuleType):
@@ -140,6 +179,34 @@ class Slot:
         for layer in layers[:-1]:
             call = functools.partial(_invoke, layer, call, instance)
         return layers[-1](call, instance, args, kwargs)
+
+
+def object_at(module: ModuleType, qualname: str, adds: bool = False) -> object | None:
+    """What stands at a target now, as a slot sees it (a raw class attribute); for a name a patch adds,
+    what stands there, or None where it is absent (a module added to a package: its sys.modules entry)."""
+    if not adds:
+        return wrapt.resolve_path(module, qualname)[2]
+    holder, _, name = qualname.rpartition(".")
+    parent = wrapt.resolve_path(module, holder)[2] if holder else module
+    found = vars(parent).get(name) if inspect.isclass(parent) or isinstance(parent, ModuleType) else getattr(parent, name, None)
+    if found is None and isinstance(parent, ModuleType):
+        found = sys.modules.get(f"{parent.__name__}.{name}")
+    return found
+
+
+def _refuse_present(parent: object, name: str, path: str) -> None:
+    """Raise :class:`AlreadyThere` when ``parent`` has ``name`` (inherited, or a submodule on disk, counts)."""
+    present = name in vars(parent) if not inspect.isclass(parent) else hasattr(parent, name)
+    if isinstance(parent, ModuleType) and not present:
+        try:
+            present = importlib.util.find_spec(f"{parent.__name__}.{name}") is not None
+        except (ImportError, ValueError):  # not a package, or a broken spec: no submodule of that name
+            present = False
+    if present:
+        found = getattr(parent, name, None)
+        what = type(found).__name__ if found is not None else "a submodule on disk"
+        origin = getattr(found, "__module__", None) or getattr(found, "__name__", None) or "?"
+        raise AlreadyThere(f"{path} is already there ({what} from {origin}), not added by higgs_patch")
 
 
 class BoundProxy(wrapt.BoundFunctionWrapper):

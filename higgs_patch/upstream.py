@@ -32,6 +32,16 @@ class KnownBad:
 
 
 @dataclass(frozen=True)
+class TestedStack:
+    """One stack the suite runs on in CI (``.ci/run``); the first of compat/matrix.toml is the main line."""
+
+    line: str  # a short name, such as "4.57": also the folder of its venv in CI
+    constraints: str  # the file under compat/ that pins the stack
+    suite: str  # what CI runs there: "full" (every test) or "core" (the tests marked core)
+    versions: dict[str, str]  # what ran: distribution (or python, platform) -> version
+
+
+@dataclass(frozen=True)
 class Knowledge:
     fingerprinted: tuple[str, ...]  # top-level packages whose targets must match a known fingerprint
     releases: tuple[Release, ...]
@@ -51,6 +61,9 @@ class Knowledge:
 FINGERPRINTS, MATRIX = "fingerprints.toml", "matrix.toml"
 RELEASE_FIELDS = {"name": str, "origin": str, "targets": dict}
 KNOWN_BAD_FIELDS = {"distribution": str, "works": str, "reason": str, "fix": str, "when": dict}
+MATRIX_FIELDS = {"tested": list, "measured": list, "known-bad": list}  # measured: a session's run on a stack CI does not build
+TESTED_REQUIRED = ("line", "constraints", "suite", "transformers")
+SUITES = ("full", "core")
 
 
 def _read(name: str, fields: dict[str, type]) -> dict[str, Any]:
@@ -72,12 +85,34 @@ def _specifier(text: str, where: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def known_bad() -> tuple[KnownBad, ...]:
-    """The combinations compat/matrix.toml knows not to work."""
+def tested() -> tuple[TestedStack, ...]:
+    """The stacks compat/matrix.toml says the suite runs on, the main line first (CI, doctor and docs read it)."""
     source = f"compat/{MATRIX}"
-    data = _read(MATRIX, {"tested": list, "known-bad": list})
-    for index, stack in enumerate(data.get("tested", [])):
-        schema.check_mapping(stack, f"{source}: tested[{index}]", str)
+    data = _read(MATRIX, MATRIX_FIELDS)
+    stacks: list[TestedStack] = []
+    for index, entry in enumerate(data.get("tested", [])):
+        where = f"{source}: tested[{index}]"
+        fields = dict(schema.check_mapping(entry, where, str))
+        missing = [name for name in TESTED_REQUIRED if name not in fields]
+        if missing:
+            raise DataError(f"{where}: missing {', '.join(missing)} (every tested stack has {', '.join(TESTED_REQUIRED)})")
+        if fields["suite"] not in SUITES:
+            raise DataError(f"{where}.suite: {fields['suite']!r} is not one of {', '.join(map(repr, SUITES))}")
+        if any(stack.line == fields["line"] for stack in stacks):
+            raise DataError(f"{where}.line: {fields['line']!r} is listed twice")
+        line, constraints, suite = (fields.pop(name) for name in ("line", "constraints", "suite"))
+        stacks.append(TestedStack(line, constraints, suite, fields))
+    if not stacks:
+        raise DataError(f"{source}: no [[tested]] entries; CI would test no stack")
+    return tuple(stacks)
+
+
+@functools.lru_cache(maxsize=1)
+def known_bad() -> tuple[KnownBad, ...]:
+    """The combinations compat/matrix.toml knows not to work (the whole file is checked, [[tested]] too)."""
+    source = f"compat/{MATRIX}"
+    tested()
+    data = _read(MATRIX, MATRIX_FIELDS)
     rules = []
     for index, entry in enumerate(_tables(data, "known-bad", source, KNOWN_BAD_FIELDS,
                                           ("distribution", "works", "reason", "fix"))):

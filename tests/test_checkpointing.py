@@ -109,6 +109,7 @@ def test_unpatched_with_an_audio_tower_the_switch_succeeds_but_no_decoder_layer_
 # --- the fix -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("reentrant", [True, False], ids=["use_reentrant=True", "use_reentrant=False"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_every_decoder_layer_is_recomputed_with_the_same_loss_and_gradients(config, reentrant):
@@ -133,6 +134,7 @@ def test_every_decoder_layer_is_recomputed_with_the_same_loss_and_gradients(conf
     assert saved * 3 < plain_bytes  # 3.9x with the Whisper encoder (its features dominate), 7 to 8x without
 
 
+@pytest.mark.core
 def test_the_trainer_switch_recomputes_the_layers_and_logs_the_losses_of_a_plain_run(tmp_path):
     def train(checkpointing: bool):
         net = model()
@@ -151,6 +153,7 @@ def test_the_trainer_switch_recomputes_the_layers_and_logs_the_losses_of_a_plain
     assert checkpointed == pytest.approx(plain, abs=2e-4)  # the logs are rounded to 4 decimals
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kwargs", [None, {"use_reentrant": False}], ids=["trainer default (reentrant)", "non-reentrant"])
 def test_lora_adapters_in_checkpointed_layers_train_under_the_trainer(tmp_path, kwargs):
     """The trap: frozen embeddings give the first layer an input without grad; reentrant checkpointing then

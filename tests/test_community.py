@@ -17,25 +17,11 @@ import pytest
 import torch
 from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel
 from peft import LoraConfig, get_peft_model
-from test_accumulation import CallsHiggsAudioLoss, ReadsModelLoss
+from test_accumulation import CallsHiggsAudioLoss, HoldsTheModel, ReadsModelLoss
 from transformers import Trainer, TrainingArguments
 
 import higgs_patch
 import tiny
-
-
-class HoldsTheModel(torch.nn.Module):
-    """Their wrapper module: the model as ``.model``, labels renamed, everything else passed through."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.model = model
-        self.config = model.config
-
-    def forward(self, **kwargs):
-        if "labels" in kwargs:
-            kwargs["label_ids"] = kwargs.pop("labels")
-        return self.model(**kwargs)
 
 
 def train(tmp_path, model, trainer_class=Trainer, steps=12, **overrides):

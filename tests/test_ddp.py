@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
 
 import higgs_patch
 import tiny
@@ -39,11 +41,13 @@ SCRIPT = textwrap.dedent("""
 
     signal.alarm(int(sys.argv[4]))  # a rank that hangs ends itself, whatever became of its launcher
     from torch.utils.data import SequentialSampler
-    import higgs_patch, tiny
-    from transformers import Trainer, TrainingArguments
+    import higgs_patch
 
     if sys.argv[3] == "patched":
-        higgs_patch.apply()
+        higgs_patch.apply()  # before boson_multimodal is imported (from transformers 4.48 its import needs the shims)
+    import tiny
+    from test_accumulation import HoldsTheModel
+    from transformers import Trainer, TrainingArguments
     # Batches of 2 in this order; rank r takes batches r, r + 2: rank 0 [voice, voice], [voice, asr];
     # rank 1 [text, text] (no audio token at all), [asr, voice]. Half the samples have no audio-out.
     DATA = [tiny.sample(0), tiny.sample(1), tiny.without_audio_out(2, keep_audio_in=False),
@@ -51,7 +55,7 @@ SCRIPT = textwrap.dedent("""
             tiny.without_audio_out(6), tiny.sample(7)]
 
     class InOrder(Trainer):
-        def _get_train_sampler(self):
+        def _get_train_sampler(self, *args):  # 4.55 on pass the dataset
             return SequentialSampler(self.train_dataset)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -64,16 +68,27 @@ SCRIPT = textwrap.dedent("""
         if settings.pop("lora", False):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=4,
-                                 learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
-                                 remove_unused_columns=False, disable_tqdm=True, ddp_backend="gloo", **settings)
+        inner = model
+        if settings.pop("wrapper", False):
+            model = HoldsTheModel(model)
+        without = settings.pop("without", [])  # patches this case runs without, applied again after it
+        if without:
+            higgs_patch.revert(*without)
+        args = TrainingArguments(**{**dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=4,
+                                           learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                           remove_unused_columns=False, disable_tqdm=True, ddp_backend="gloo"),
+                                    **settings})
         trainer = InOrder(model=model, args=args, train_dataset=DATA, data_collator=tiny.DictCollator(tiny.collator()))
         trainer.audio_out = []
         try:
             trainer.train()
-            result = {"audio_out": trainer.audio_out, "state": {k: v.detach() for k, v in model.state_dict().items()}}
+            result = {"audio_out": trainer.audio_out, "state": {k: v.detach() for k, v in inner.state_dict().items()},
+                      "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+                      "multiplies": bool(trainer.args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs)}
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {exc}", "steps": len(trainer.audio_out)}
+        if without:
+            higgs_patch.apply(*without)
         torch.save(result, os.path.join(sys.argv[1], f"{name}.rank{rank}.pt"))
         dist.barrier()
     dist.destroy_process_group()
@@ -134,13 +149,18 @@ def results(folder: Path, case: str) -> list[dict]:
     return [torch.load(folder / f"{case}.rank{rank}.pt") for rank in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def patched_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp")
-    done = torchrun(folder, CASES)
+def launched(tmp_path_factory, name: str, cases: dict) -> Path:
+    """The folder of one torchrun launch of ``cases`` that finished, each rank within the timeout."""
+    folder = tmp_path_factory.mktemp(name)
+    done = torchrun(folder, cases)
     assert done is not None, f"the ranks did not finish within {TIMEOUT} s"
     assert done.returncode == 0, done.stdout[-4000:]
     return folder
+
+
+@pytest.fixture(scope="module")
+def patched_run(tmp_path_factory):
+    return launched(tmp_path_factory, "ddp", CASES)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (REFERENCE, REFUSED, LORA_REFERENCE)])
@@ -168,6 +188,56 @@ def test_reentrant_checkpointing_with_find_unused_parameters_is_a_clear_error_at
         for says in ("ddp_find_unused_parameters=True", "ddp_find_unused_parameters=False",
                      "gradient_checkpointing_kwargs={'use_reentrant': False}"):
             assert says in rank["error"]
+
+
+# --- a wrapper module's loss under DDP ----------------------------------------------------------------------
+
+# One SGD step, no clipping: an update scaled by c is c times the bare model's, exactly what the loss was scaled by.
+ONE_STEP = {"optim": "sgd", "max_grad_norm": 0, "lr_scheduler_type": "constant", "max_steps": 1, "logging_steps": 1}
+WRAPPED = {
+    "bare": dict(ONE_STEP),
+    "in a wrapper": {**ONE_STEP, "wrapper": True},
+    "in a wrapper, without trainer-compute-loss": {**ONE_STEP, "wrapper": True, "without": ["trainer-compute-loss"]},
+}
+
+
+@pytest.fixture(scope="module")
+def wrapper_run(tmp_path_factory):
+    return launched(tmp_path_factory, "ddp-wrapper", WRAPPED)
+
+
+def update(folder: Path, case: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Rank 0's update (both ranks' are checked equal by the tests above) and its logged losses."""
+    ranks = results(folder, case)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    initial = tiny.model().state_dict()
+    return {name: value - initial[name] for name, value in ranks[0]["state"].items()}, ranks[0]["losses"]
+
+
+@pytest.mark.core
+def test_a_wrappers_update_and_logged_loss_under_ddp_are_the_bare_models(wrapper_run):
+    """transformers 4.55 turned average_tokens_across_devices on: the Trainer multiplies the loss of a model
+    that takes loss kwargs (a wrapper's forward(**kwargs)) by the number of processes, taking it for a sum."""
+    expected, expected_losses = update(wrapper_run, "bare")
+    got, losses = update(wrapper_run, "in a wrapper")
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert losses == expected_losses
+    assert any(value.abs().max() > 0 for value in expected.values())
+
+
+@pytest.mark.core
+def test_without_the_fix_a_wrapper_under_ddp_takes_world_size_times_the_update_where_the_trainer_multiplies(
+        wrapper_run):
+    expected, expected_losses = update(wrapper_run, "bare")
+    got, losses = update(wrapper_run, "in a wrapper, without trainer-compute-loss")
+    multiplies = results(wrapper_run, "in a wrapper, without trainer-compute-loss")[0]["multiplies"]
+    if SpecifierSet(">=4.55").contains(transformers.__version__):  # on by default there: what users get
+        assert multiplies
+    factor = 2 if multiplies else 1
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], factor * value, rtol=1e-4, atol=2 ** -22, msg=name)  # weights near 1: their rounding
+    assert losses == pytest.approx([factor * loss for loss in expected_losses], rel=1e-3)
 
 
 def test_every_parameter_takes_part_in_a_step_without_audio_out_or_without_audio():

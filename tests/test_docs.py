@@ -113,3 +113,17 @@ def test_every_documented_command_line_is_accepted(where, args):
         pass
     except click.UsageError as exc:
         pytest.fail(f"{where}: higgs-patch {' '.join(args)}: {exc}")
+
+
+def table_ids(document: Path) -> set[str]:
+    """The patch ids that open a row of a Markdown table in ``document`` (`id` or `id` (opt-in))."""
+    return set(re.findall(r"^\| `([a-z0-9-]+)`", document.read_text(encoding="utf-8"), re.M))
+
+
+def test_every_patch_has_its_row_the_fixes_in_the_readme_the_shims_on_the_compatibility_page():
+    from higgs_patch import engine
+
+    shims = {d.id for d in engine.known().values() if all(t.wrapper.startswith("higgs_patch.shims.") for t in d.targets)}
+    fixes = set(engine.known()) - shims
+    assert table_ids(README) == fixes, "README's symptom table: one row per fix"
+    assert shims <= table_ids(ROOT / "docs" / "compatibility.md"), "docs/compatibility.md: one row per shim"

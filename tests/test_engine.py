@@ -17,6 +17,7 @@ import wrapt
 from packaging.specifiers import SpecifierSet
 
 import higgs_patch
+import needed
 from higgs_patch import declarations, engine, fingerprint
 from higgs_patch.slots import Slot
 
@@ -31,12 +32,20 @@ CALL = "boson_multimodal.data_collator.higgs_audio_collator:HiggsAudioSampleColl
 
 
 def current(default_only: bool = False) -> dict[str, object]:
-    """The object at every patch target now: raw class attributes, as the slots see them."""
+    """The object at every patch target this stack needs now: raw class attributes, as the slots see them
+    (an added name: absent, None)."""
     return {
-        target.path: wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
-        for declaration in engine.known().values() if declaration.default or not default_only
-        for target in declaration.targets
+        target.path: _object_at(target)
+        for declaration in needed.declarations(default_only) for target in declaration.targets
     }
+
+
+def _object_at(target) -> object:
+    holder, _, name = target.qualname.rpartition(".") if target.adds else ("", "", "")
+    if target.adds:
+        parent = wrapt.resolve_path(sys.modules[target.module], holder)[2] if holder else sys.modules[target.module]
+        return vars(parent).get(name)
+    return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
 
 
 ORIGINALS = current()
@@ -77,14 +86,17 @@ def test_every_default_patch_applied_before_any_import_is_accepted_and_installs_
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(data["before"].values()) == {"pending"}
-    assert set(data["after"].values()) == {"applied"} and data["after"].keys() == data["before"].keys()
+    off = needed.not_needed()
+    assert {pid for pid, state in data["before"].items() if state == "not-needed"} == off & data["before"].keys()
+    assert {state for pid, state in data["before"].items() if pid not in off} == {"pending"}
+    assert {state for pid, state in data["after"].items() if pid not in off} == {"applied"}
+    assert data["after"].keys() == data["before"].keys()
 
 
 def test_apply_wraps_every_default_target_and_revert_restores_the_originals_by_identity():
     report = higgs_patch.apply()
     assert {s.id for s in report} == {s.id for s in higgs_patch.status() if s.default}
-    assert all(s.state == "applied" for s in report)
+    assert all(s.state == ("not-needed" if s.id in needed.not_needed() else "applied") for s in report)
     assert all(now is not ORIGINALS[path] for path, now in current(default_only=True).items())
     assert Model.__dict__["forward"].__wrapped__ is ORIGINALS[FORWARD]
 
@@ -346,7 +358,11 @@ def test_every_shipped_declaration_resolves_to_a_factory_and_a_known_target():
         for target in declaration.targets:
             module_name, _, name = target.wrapper.partition(":")
             assert callable(getattr(__import__(module_name, fromlist=[name]), name))
-            assert Slot(target.path, sys.modules[target.module], target.qualname).original is not None
+    for declaration in needed.declarations():
+        for target in declaration.targets:
+            __import__(target.module)
+            slot = Slot(target.path, sys.modules[target.module], target.qualname, adds=target.adds)  # an added name: absent
+            assert slot.original is not None or target.adds
 
 
 # --- fingerprints ------------------------------------------------------------------------------------------
@@ -410,9 +426,11 @@ def test_apply_before_import_is_pending_imports_nothing_and_patches_on_import():
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(data["before"].values()) == {"pending"}
+    off = needed.not_needed()
+    assert {state for pid, state in data["before"].items() if pid not in off} == {"pending"}
+    assert {data["before"][pid] for pid in off & data["before"].keys()} <= {"not-needed"}
     assert data["imported"] == []
-    assert set(data["after"].values()) == {"applied"}
+    assert {state for pid, state in data["after"].items() if pid not in off} == {"applied"}
     assert data["wrapped"][0] == "higgs_patch.slots.Proxy"  # the slot's proxy: wrapt's FunctionWrapper, whose
     assert data["wrapped"][1].endswith(".FunctionWrapper")  # bound form keeps the layers under __func__
 
@@ -593,3 +611,217 @@ def test_a_target_whose_code_cannot_be_read_is_refused_as_unknown_code(monkeypat
         higgs_patch.apply("forward-kwargs-filter")
     assert states()["forward-kwargs-filter"] == "incompatible"
     assert Model.__dict__["forward"] is ORIGINALS[FORWARD]
+
+
+# --- version lines ([serves]) and added names (provides): the kinds the transformers-line shims use ---------------
+
+
+@pytest.fixture
+def declare(monkeypatch):
+    """``declare(declaration)``: a declaration the engine knows during the test, reverted before it is forgotten."""
+    declared = []
+
+    def add(declaration):
+        monkeypatch.setitem(engine.known(), declaration.id, declaration)
+        declared.append(declaration.id)
+
+    yield add
+    if declared:
+        higgs_patch.revert(*declared)
+
+
+def line_declaration(serves: str, patch_id: str = "line-test", default: bool = False) -> declarations.Declaration:
+    """forward-kwargs-filter's target and factory, under a [serves] of the test's choosing."""
+    return declarations.load(declaration_text("higgs_patch.fixes.forward_kwargs_filter:filter_kwargs").replace(
+        'id = "x"', f'id = "{patch_id}"').replace('symptom = "s"', f'symptom = "s"\ndefault = {str(default).lower()}')
+        + serves)
+
+
+@pytest.mark.parametrize("serves, needed_here", [
+    ('[serves]\ntransformers = "<4"\n', False),
+    ('[serves]\ntransformers = ">=4"\ntorch = "<1"\n', False),  # a table: every distribution in it
+    ('[[serves]]\ntransformers = "<4"\n[[serves]]\ntransformers = ">=4"\n', True),  # an array: any one table
+    ('[serves]\nno-such-distribution = ">=1"\n', True),  # not installed: no version to be off a line by
+    ('[serves]\ntransformers = ">=4"\n', True),
+])
+def test_a_patch_off_the_lines_it_serves_is_not_needed_and_on_them_applies(declare, serves, needed_here):
+    declare(line_declaration(serves))
+    (status,) = higgs_patch.apply("line-test")
+    if needed_here:
+        assert status.state == "applied" and isinstance(Model.__dict__["forward"], wrapt.FunctionWrapper)
+        assert "line-test" in os.environ["HIGGS_PATCH_ACTIVATE"]
+    else:
+        assert status.state == "not-needed"
+        assert status.reason.startswith("not needed here: it serves") and transformers.__version__ in status.reason
+        assert Model.__dict__["forward"] is ORIGINALS[FORWARD]  # neither applied nor refused
+        assert "line-test" not in os.environ.get("HIGGS_PATCH_ACTIVATE", "")
+    assert higgs_patch.revert("line-test")[0].state == "not-applied"
+    assert originals_back()
+
+
+def test_a_bare_apply_passes_over_a_default_patch_off_its_line_and_applies_the_rest(declare):
+    declare(line_declaration('[serves]\ntransformers = "<4"\n', default=True))
+    report = {s.id: s.state for s in higgs_patch.apply(*needed.ids(default_only=True), "line-test")}
+    assert report.pop("line-test") == "not-needed"
+    assert set(report.values()) == {"applied"}
+
+
+ADDED = textwrap.dedent(
+    """
+    class Thing:
+        def get_max_cache_shape(self):
+            return 7
+
+    class Defines(Thing):
+        def get_max_length(self):
+            return "its own"
+    """
+)
+
+
+@pytest.fixture
+def upstream_module(tmp_path, monkeypatch, request):
+    """A package on sys.path, not yet imported, of its own name per test: classes that lack names the shims add."""
+    name = f"addtarget_{request.node.name.split('[')[0][-40:]}"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(ADDED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+
+
+def adds_declaration(path: str, factory: str, patch_id: str = "adds-test") -> declarations.Declaration:
+    return declarations.load(textwrap.dedent(f"""
+        id = "{patch_id}"
+        version = "1.0.0"
+        summary = "s"
+        symptom = "s"
+        default = false
+        [[targets]]
+        path = "{path}"
+        provides = "{factory}"
+        """))
+
+
+def test_a_name_a_class_lacks_is_added_when_its_module_is_imported_and_removed_on_revert(declare, upstream_module):
+    declare(adds_declaration(
+        f"{upstream_module}:Thing.get_max_length", "higgs_patch.shims.cache_max_length:get_max_length"))
+    assert higgs_patch.apply("adds-test")[0].state == "pending"  # before the import, as boson's needs it
+    addtarget = __import__(upstream_module)
+
+    assert states()["adds-test"] == "applied"
+    assert addtarget.Thing().get_max_length() == 7  # the shim's alias of get_max_cache_shape()
+    assert addtarget.Defines().get_max_length() == "its own"  # a subclass's own definition still wins
+    higgs_patch.revert("adds-test")
+    assert not hasattr(addtarget.Thing, "get_max_length")
+    assert higgs_patch.apply("adds-test")[0].state == "applied"  # and again, on the imported module
+
+
+def test_a_module_added_to_a_package_imports_by_its_dotted_name_until_revert(declare, upstream_module):
+    declare(adds_declaration(
+        f"{upstream_module}:modeling_attn_mask_utils", "higgs_patch.shims.attention_mask_converter:converter_module"))
+    higgs_patch.apply("adds-test")
+    added = f"{upstream_module}.modeling_attn_mask_utils"
+    assert __import__(added, fromlist=["AttentionMaskConverter"]).AttentionMaskConverter  # the import is the test
+
+    higgs_patch.revert("adds-test")
+    assert added not in sys.modules
+    with pytest.raises(ModuleNotFoundError):
+        __import__(added)
+
+
+def test_a_name_already_there_is_left_alone_and_the_patch_is_not_needed(declare, upstream_module, patch_log):
+    addtarget = __import__(upstream_module)
+
+    declare(adds_declaration(
+        f"{upstream_module}:Thing.get_max_cache_shape", "higgs_patch.shims.cache_max_cache_shape:get_max_cache_shape"))
+    own = vars(addtarget.Thing)["get_max_cache_shape"]
+    (status,) = higgs_patch.apply("adds-test")
+    assert status.state == "not-needed" and "is already there" in status.reason
+    assert vars(addtarget.Thing)["get_max_cache_shape"] is own
+    assert any("(already-there)" in r.getMessage() for r in patch_log.records)
+
+
+def test_an_added_name_replaced_after_apply_is_left_in_place_on_revert(declare, upstream_module, patch_log):
+    addtarget = __import__(upstream_module)
+
+    declare(adds_declaration(
+        f"{upstream_module}:Thing.get_max_length", "higgs_patch.shims.cache_max_length:get_max_length"))
+    higgs_patch.apply("adds-test")
+
+    def theirs(self):
+        return "theirs"
+
+    addtarget.Thing.get_max_length = theirs
+    assert states()["adds-test"] == "bypassed"
+    higgs_patch.revert("adds-test")
+    assert vars(addtarget.Thing)["get_max_length"] is theirs
+    assert any("replaced after higgs_patch" in r.getMessage() for r in patch_log.records)
+
+
+def test_an_added_name_goes_with_the_rest_of_a_call_that_fails(declare, monkeypatch, upstream_module):
+    addtarget = __import__(upstream_module)
+    from higgs_patch.fixes import trainer_compute_loss
+
+    declare(adds_declaration(
+        f"{upstream_module}:Thing.get_max_length", "higgs_patch.shims.cache_max_length:get_max_length"))
+    factory = engine.known()["trainer-compute-loss"].targets[-1].wrapper.partition(":")[2]
+
+    def broken(original, options):
+        raise RuntimeError("factory broke")
+
+    monkeypatch.setattr(trainer_compute_loss, factory, broken)
+    with pytest.raises(higgs_patch.PatchError, match="factory broke"):
+        higgs_patch.apply("adds-test", "trainer-compute-loss")
+    assert not hasattr(addtarget.Thing, "get_max_length")
+    assert states()["adds-test"] == "not-applied"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("provides", '"higgs_patch.shims.cache_max_length:get_max_length"\nwrapper = "higgs_patch.x:y"', "exactly one of"),
+    ("provides", '"os:getcwd"', "inside the 'higgs_patch' package"),
+    ("provides", '"higgs_patch.shims.cache_max_length:get_max_length"\norder = 2', "only applies to a wrapped target"),
+])
+def test_a_malformed_added_name_is_a_declaration_error(field, value, message):
+    text = textwrap.dedent("""
+        id = "x"
+        version = "1.0.0"
+        summary = "s"
+        symptom = "s"
+        [[targets]]
+        path = "m:Thing.name"
+        """) + f"{field} = {value}\n"
+    with pytest.raises(higgs_patch.DeclarationError, match=message):
+        declarations.load(text)
+
+
+@pytest.mark.parametrize("serves, message", [
+    ('[serves]\ntransformers = "4.48+"\n', "serves.transformers '4.48\\+' is not a PEP 440 specifier"),
+    ('serves = []\n', "empty array"),
+    ('[[serves]]\n', "is empty"),
+    ('before_import = ["not a module"]\n', "list of module names"),
+])
+def test_a_malformed_line_or_import_order_is_a_declaration_error(serves, message):
+    text = declaration_text("higgs_patch.fixes.forward_kwargs_filter:filter_kwargs")
+    if serves.startswith(("before_import", "serves =")):
+        text = text.replace('summary = "s"', 'summary = "s"\n' + serves)
+    else:
+        text += serves
+    with pytest.raises(higgs_patch.DeclarationError, match=message):
+        declarations.load(text)
+
+
+def test_one_name_is_added_by_one_patch(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.toml").write_text(textwrap.dedent(f"""
+            id = "{name}"
+            version = "1.0.0"
+            summary = "s"
+            symptom = "s"
+            [[targets]]
+            path = "m:Thing.name"
+            provides = "higgs_patch.shims.cache_max_length:get_max_length"
+            """))
+    with pytest.raises(higgs_patch.DeclarationError, match="also provided by"):
+        declarations.load_all(tmp_path)

@@ -24,6 +24,7 @@ def _shown(generation: learnability.Generation) -> str:
     return f"generated {got}, target {generation.target.tolist()}, text {generation.text}"
 
 
+@pytest.mark.core
 def test_patched_training_generates_every_training_target(comparison):
     patched = comparison.patched
     assert len(patched.generations) >= 4
@@ -70,6 +71,7 @@ def test_targets_are_a_function_of_the_text_and_the_delay_pattern_is_on():
         assert (batch.label_audio_ids[k, : k + 1] == -100).all()
 
 
+@pytest.mark.core
 def test_command_prints_the_table_and_passes():
     from click.testing import CliRunner
 

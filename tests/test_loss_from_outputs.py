@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel
 from transformers import Trainer, TrainingArguments
 
@@ -21,10 +23,20 @@ UPSTREAM_FORWARD = vars(HiggsAudioModel)["forward"]  # read at import, before an
 
 
 def without_loss(self, labels=None, **kwargs):
-    """What a copied or replaced forward does: labels mapped, upstream's forward, no loss."""
+    """What a copied or replaced forward does: labels mapped, upstream's forward, no loss.
+
+    Its ``**kwargs`` make transformers >= 4.47 take it for a model that divides by ``num_items_in_batch``
+    and pass it the count, which upstream's forward rejects (TypeError): the hook passes no count to a
+    Higgs Audio model, whose loss is a mean whatever it is given.
+    """
     if labels is not None and "label_ids" not in kwargs:
         kwargs["label_ids"] = labels
     return UPSTREAM_FORWARD(self, **kwargs)
+
+
+def without_loss_or_count(self, labels=None, num_items_in_batch=None, **kwargs):
+    """The same, dropping the count itself, as such a forward must without the hook on 4.47 and later."""
+    return without_loss(self, labels, **kwargs)
 
 
 class CopiedForward(HiggsAudioModel):
@@ -61,6 +73,7 @@ SETTINGS = {
 }
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("how", ["replaced after apply()", "a subclass with upstream's forward"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=list(SETTINGS))
 def test_a_forward_without_loss_trains_on_the_models_own_loss(tmp_path, restore_forward, how, setting):
@@ -80,13 +93,30 @@ def test_a_forward_without_loss_trains_on_the_models_own_loss(tmp_path, restore_
     assert not torch.equal(got, torch.cat([p.detach().flatten() for p in tiny.model().parameters()]))
 
 
+@pytest.mark.core
 def test_without_the_hook_a_forward_without_loss_stops_the_trainer(tmp_path, restore_forward):
     with higgs_patch.applied(*[s.id for s in higgs_patch.status() if s.default and s.id != "trainer-compute-loss"]):
-        HiggsAudioModel.forward = without_loss
+        HiggsAudioModel.forward = without_loss_or_count
         with pytest.raises(ValueError, match="did not return a loss"):
             train(tmp_path, tiny.model())
 
 
+@pytest.mark.core
+def test_without_the_hook_a_forward_taking_kwargs_is_handed_the_count_where_the_trainer_passes_it(
+        tmp_path, restore_forward):
+    """transformers 4.47 and later pass num_items_in_batch to a forward that takes **kwargs (4.46: only one
+    naming **loss_kwargs): upstream's forward, given it, raises."""
+    with higgs_patch.applied(*[s.id for s in higgs_patch.status() if s.default and s.id != "trainer-compute-loss"]):
+        HiggsAudioModel.forward = without_loss
+        if Version(transformers.__version__) < Version("4.47"):
+            with pytest.raises(ValueError, match="did not return a loss"):
+                train(tmp_path, tiny.model())
+        else:
+            with pytest.raises(TypeError, match="unexpected keyword argument 'num_items_in_batch'"):
+                train(tmp_path, tiny.model())
+
+
+@pytest.mark.core
 def test_outputs_without_logits_still_say_the_model_returned_no_loss(tmp_path, restore_forward):
     def no_logits(self, **kwargs):
         return {"audio_logits": without_loss(self, **kwargs).audio_logits}

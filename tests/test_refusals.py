@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
+import needed
 from higgs_patch import engine
 
 CONSOLE = Path(sys.executable).with_name("higgs-patch")
-DEFAULTS = [d for d in engine.known().values() if d.default]
+DEFAULTS = needed.declarations(default_only=True)  # a bare apply() passes over shims off this line
 COLLATOR_MODULE_VIEW = "boson_multimodal.data_collator.higgs_audio_collator:torch"
 BOSON_FIX = 'pip install --no-deps boson-multimodal==0.1.1 && pip install "higgs-patch[upstream]"'
 
@@ -73,23 +74,27 @@ def without_upstream(tmp_path_factory) -> Path:
 
 
 def test_a_version_conflict_gives_the_pip_command_first_and_forcing_it_says_what_it_risks(tmp_path):
-    fake = fake_distribution(tmp_path, "transformers", "4.47.1")
+    old = "4.45.2"  # below every transformers line the plugin supports
+    fake = fake_distribution(tmp_path, "transformers", old)
     refused, _ = report(REPORT.format(imports="import transformers.trainer", arguments=""), pythonpath=fake)
     message = refused["outcome"]
-    assert 'requested: "transformers <4.47,>=4.46" but found: "transformers 4.47.1"' in message
-    fix, force = message.index('fix: pip install "transformers<4.47,>=4.46"'), message.index("force=True")
+    conflicting = [d for d in DEFAULTS if not d.requires.get("transformers", SpecifierSet()).contains(old)]
+    spec = conflicting[0].requires["transformers"]
+    assert f'requested: "transformers {spec}" but found: "transformers {old}"' in message
+    fix, force = message.index(f'fix: pip install "transformers{spec}"'), message.index("force=True")
     assert fix < force  # the fix first
     assert "can train wrong without any error" in message
     # the others are named as still applicable, and nothing of the call is applied
-    others = [d.id for d in DEFAULTS if d.requires.get("transformers", SpecifierSet()).contains("4.47.1")]
+    others = [d.id for d in DEFAULTS if d not in conflicting]
     assert "trainer-compute-loss" not in others and len(others) >= 3
     assert f"can still be applied by id: higgs_patch.apply({', '.join(map(repr, others))})" in message
-    assert set(refused["states"].values()) == {"not-applied"} | {"incompatible"}
+    assert set(refused["states"].values()) - {"not-needed"} == {"not-applied"} | {"incompatible"}  # shims off this line
     forced, log = report(REPORT.format(imports="import transformers.trainer", arguments="force=True"), pythonpath=fake)
     assert forced["outcome"] == "applied" and forced["states"]["trainer-compute-loss"] == "applied"
     warning = log[log.index("WARNING patch 'trainer-compute-loss' forced anyway"):]
     assert "forcing is not a fix" in warning and "can train wrong without any error" in warning
-    assert 'pip install "transformers<4.47,>=4.46"' in warning
+    trainer_spec = engine.known()["trainer-compute-loss"].requires["transformers"]
+    assert f'pip install "transformers{trainer_spec}"' in warning
 
 
 def test_without_the_upstream_no_force_hint_and_force_does_not_leave_everything_pending(without_upstream):
@@ -162,7 +167,7 @@ def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
 
 
 def test_doctor_under_force_says_what_forcing_a_version_gate_risks(tmp_path):
-    fake = fake_distribution(tmp_path, "transformers", "4.47.1")
+    fake = fake_distribution(tmp_path, "transformers", "4.45.2")  # below every line the plugin supports
     code = "import sys; from higgs_patch.commands.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
     report_ = json.loads(python(code, pythonpath=fake, env={"HIGGS_PATCH_FORCE": "1"}).stdout)
     patch = next(p for p in report_["patches"] if p["id"] == "trainer-compute-loss")

@@ -194,13 +194,14 @@ def compat_text(monkeypatch):
             return schema.loads(replaced[name], source)
         return real(package, name, source)
 
+    caches = (upstream.knowledge, upstream.known_bad, upstream.tested)
     monkeypatch.setattr(upstream.schema, "read", read)
-    upstream.knowledge.cache_clear()
-    upstream.known_bad.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     yield replaced.__setitem__
     monkeypatch.undo()
-    upstream.knowledge.cache_clear()
-    upstream.known_bad.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 FINGERPRINTS = (declarations.resources.files("higgs_patch.compat") / "fingerprints.toml").read_text()
@@ -240,9 +241,12 @@ def test_no_release_at_all_is_a_data_error(compat_text):
     [
         ('works = ">=0.26"', 'works = "recent"', r"known-bad\[1\].works: 'recent' is not a PEP 440 specifier"),
         ('works = ">=0.26"', 'works = ">=0.26"\nseverity = "high"', r"known-bad\[1\]: unknown field 'severity'"),
-        ('when = { torch = ">=2.5" }', 'when = { torch = 2 }', r"known-bad\[2\].when.torch must be a string"),
+        ('when = { torch = ">=2.5",', 'when = { torch = 2,', r"known-bad\[2\].when.torch must be a string"),
         ('torch = "2.13.0+cpu"', "torch = 2.13", r"tested\[0\].torch must be a string"),
         ('distribution = "accelerate"\n', "", r"known-bad\[1\]: missing required field.*'distribution'"),
+        ('suite = "core"', 'suite = "quick"', r"tested\[1\].suite: 'quick' is not one of 'full', 'core'"),
+        ('line = "4.47"\n', "", r"tested\[1\]: missing line \(every tested stack has line, constraints, suite"),
+        ('line = "4.47"', 'line = "4.46"', r"tested\[1\].line: '4.46' is listed twice"),
     ],
 )
 def test_junk_in_the_matrix_is_a_data_error_naming_the_file_and_the_field(compat_text, old, new, expected):

@@ -345,8 +345,9 @@ def generate(model: tiny.HiggsAudioModel, example: Example) -> Generation:
     """Greedy free-running generation from the prompt, through ``HiggsAudioModel.generate``.
 
     Called as ``HiggsAudioServeEngine.generate`` calls it (boson_multimodal/serve/serve_engine.py), with
-    a static KV cache sized as the engine sizes its own (text layers plus DualFFN layers) on the CPU, and
-    three differences: greedy (``do_sample=False``); repetition-aware sampling off (``ras_win_len=None``:
+    static KV caches sized as the engine sizes its own (text layers plus DualFFN layers) on the CPU, in two
+    buckets: the first outgrown half-way through the audio, so that generation moves to the second as the
+    engine's does when a sequence outgrows a bucket (upstream's ``_copy_kv_cache``). Three differences: greedy (``do_sample=False``); repetition-aware sampling off (``ras_win_len=None``:
     it resamples repeated codes at random, even under greedy); the ``<|eot_id|>`` id as
     ``eos_token_id`` instead of stop strings, which need a tokenizer. The prompt is collated as the engine
     does (``round_to=1``), with the audio-in codes the tiny model reads instead of Whisper features.
@@ -357,10 +358,11 @@ def generate(model: tiny.HiggsAudioModel, example: Example) -> Generation:
     max_new_tokens = 2 * (FRAMES + tiny.CODEBOOKS) + 8  # room for a run that does not stop where it should
     cache_config = copy.deepcopy(model.config.text_config)
     cache_config.num_hidden_layers += len(model.config.audio_dual_ffn_layers or [])
-    length = prompt.input_ids.shape[1] + prompt.audio_in_ids.shape[1] + max_new_tokens
+    prompt_length = prompt.input_ids.shape[1] + prompt.audio_in_ids.shape[1]
     caches = collections.OrderedDict(
-        [(length, StaticCache(config=cache_config, max_batch_size=1, max_cache_len=length, device=model.device,
-                              dtype=model.dtype))]
+        (length, StaticCache(config=cache_config, max_batch_size=1, max_cache_len=length, device=model.device,
+                             dtype=model.dtype))
+        for length in (prompt_length + FRAMES // 2, prompt_length + max_new_tokens)
     )
     sequences, audio = model.generate(
         **inputs, max_new_tokens=max_new_tokens, use_cache=True, do_sample=False, past_key_values_buckets=caches,

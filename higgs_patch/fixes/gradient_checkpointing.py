@@ -55,17 +55,34 @@ _warned_cache = False
 
 
 def declare_switch(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``HiggsAudioModel._set_gradient_checkpointing``: the model has the switch transformers sets."""
+    """Layer on ``HiggsAudioModel._set_gradient_checkpointing``: the model has the switch transformers sets.
+
+    From transformers 4.52 some layers (``GradientCheckpointingLayer``: Llama's, Whisper's) checkpoint
+    themselves when their own switch is on, and transformers sets it on every one of them. Inside a Higgs
+    Audio model those layers are checkpointed already (its decoder layers here, the Whisper encoder's by
+    the encoder): their own switch stays off, so that no layer is recomputed twice.
+    """
 
     def wrapper(wrapped, instance, args, kwargs):
         if not hasattr(instance, SWITCH):
             setattr(instance, SWITCH, False)
         result = wrapped(*args, **kwargs)
+        for module in _self_checkpointing(instance):
+            setattr(module, SWITCH, False)
         if getattr(instance, SWITCH):
             _switched_on.add(instance)
         return result
 
     return wrapper
+
+
+def _self_checkpointing(model: Any) -> list[Any]:
+    """The layers of ``model`` that would checkpoint themselves (transformers' own mechanism, from 4.52)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52: no layer checkpoints itself
+        return []
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def hook_text_embeddings(original: Callable[..., Any], options: Mapping[str, Any]):

@@ -13,8 +13,9 @@ Change: while ``Trainer._load_rng_state`` runs, the one ``torch.load`` it makes 
 the declaration) is first scanned with torch's own weights-only scanner: if the file holds nothing
 but what torch allows and numpy's RNG state (ndarray, dtype), it is loaded; anything else is
 refused, naming the file and the globals. Nothing is added to torch's allowlist, so every other
-``torch.load``, in any thread, is as strict as before. A torch without that scanner (before 2.5)
-loads the file with the full unpickler by default: there the load is left as it is.
+``torch.load``, in any thread, is as strict as before. The declaration serves transformers 4.46
+with torch 2.6 and later only: elsewhere the Trainer's load works as it is (4.47 on allowlists the
+RNG state itself; an older torch's default is not weights-only), and the patch is not needed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ RNG_STATE_GLOBALS = frozenset({
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
 })
 RNG_FILE = re.compile(r"rng_state(_\d+)?\.pth")
-#: torch's weights-only scanner; where it is missing, torch.load's default is not weights-only either.
-SCANNER = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
 
 _checkpoint: contextvars.ContextVar[str | None] = contextvars.ContextVar("higgs_patch_rng_checkpoint", default=None)
 
@@ -60,10 +59,9 @@ def load_rng_state(original: Any, options: Mapping[str, Any]):
 
     def wrapper(wrapped, instance, args, kwargs):
         checkpoint = _checkpoint.get()
-        if (SCANNER is None or checkpoint is None or "weights_only" in kwargs or not args
-                or not _is_rng_file(args[0], checkpoint)):
+        if checkpoint is None or "weights_only" in kwargs or not args or not _is_rng_file(args[0], checkpoint):
             return wrapped(*args, **kwargs)
-        unexpected = sorted(set(SCANNER(args[0])) - RNG_STATE_GLOBALS)
+        unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(args[0])) - RNG_STATE_GLOBALS)
         if unexpected:
             raise pickle.UnpicklingError(
                 f"{args[0]} is not the RNG state a Trainer writes: it also holds {', '.join(unexpected)}. "

@@ -1,34 +1,49 @@
 """trainer-compute-loss
 
-Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step, and
-an epoch end can make one update weigh its micro-batches 1/2, 1/2, 1/3; the Trainer's
-``label_smoothing_factor`` scores expanded logits against raw labels; a forward that returns no loss
-(replaced or copied, never reaching model-loss) stops training with "The model did not return a
-loss"; the training logs show one number where text and audio losses move apart.
+Symptom: under k-step gradient accumulation a Higgs Audio model takes k times too large a step
+(transformers 4.46, 4.47; a wrapper module with ``forward(**kwargs)`` on every line), or an epoch's
+short last window takes 2/3 of its step (4.48 to 4.54), and the logged loss is off by the same factor
+(4.47: k times); the Trainer's ``label_smoothing_factor`` scores expanded logits against raw labels;
+a forward that returns no loss (replaced or copied, never reaching model-loss) stops training with
+"The model did not return a loss"; under DDP a wrapper module with ``forward(**kwargs)`` takes
+world-size times the update and logs world-size times its loss (from 4.55, where
+``average_tokens_across_devices`` is on by default; before, wherever a user turns it on); the
+training logs show one number where text and audio losses move apart.
 
-Cause: transformers 4.46 neither divides the loss by the accumulation steps nor passes
-``num_items_in_batch`` for a model whose forward takes no ``**loss_kwargs``: it only divides the
-value it logs, by k, even for a window that holds fewer micro-batches (an epoch's short last window)
-or that spans an epoch end (it steps when its running count of micro-batches reaches a multiple of
-k). Its label smoother knows nothing of Higgs Audio's expanded sequence or audio head. Without a loss
-in the outputs, its ``compute_loss`` has nothing to return.
+Cause: each transformers line divides a micro-batch's loss differently before backward (by nothing,
+by the accumulation steps k however few micro-batches the window holds, or by the window's size) and
+in the value it logs, depending on whether the model takes loss kwargs, whether it counted
+``num_items_in_batch`` and whether a ``compute_loss_func`` is given (``trainer_lines`` holds the
+rule of each line). A model that takes ``**kwargs`` is handed the count and trusted to divide by it;
+Higgs Audio's forward drops it and returns a mean; with ``average_tokens_across_devices`` the
+Trainer's ``compute_loss`` then multiplies that mean by the number of processes, to undo DDP's
+average of losses it takes for sums over the count of every rank. Its label smoother knows nothing of Higgs Audio's
+expanded sequence or audio head. Without a loss in the outputs, its ``compute_loss`` has nothing to
+return.
 
 Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
 PEFT, ``torch.compile``, a user's wrapper module):
 
 - ``training_step``: the Trainer says before each micro-batch whether the optimizer steps after it
   (``accelerator.sync_gradients``). At that micro-batch the gradient accumulated since the last
-  step is divided by the number n of micro-batches that made it, and the value returned for logging
-  is corrected so that the logged loss is their mean. Every shape of window is therefore one large
-  batch's update, whoever computes the loss (the default ``compute_loss``, a subclass reading the
-  model's loss, a subclass calling :func:`higgs_patch.higgs_audio_loss`), as long as each
-  micro-batch's loss is a mean. Not under DeepSpeed, which scales by its own accumulation steps.
+  step, which the Trainer summed as loss / d over the n micro-batches that made it (d from the
+  line's rule, read once at install), is scaled by d / n, and the value returned for logging is
+  corrected so that the logged loss is their mean; where d = n already (4.55 on, a bare model) it is
+  left as it is, so nothing is divided twice. Every shape of window is therefore one large batch's
+  update, whoever computes the loss (the default ``compute_loss``, a subclass reading the model's
+  loss, a subclass calling :func:`higgs_patch.higgs_audio_loss`), as long as each micro-batch's loss
+  is a mean. A loss the user scales (a ``compute_loss_func`` handed ``num_items_in_batch``,
+  ``loss_is_scaled_for_ga = True`` from 5.19) is left to them; so is DeepSpeed, which scales by its own
+  accumulation steps.
 - ``compute_loss``: with ``label_smoothing_factor`` set (and no ``compute_loss_func``), the labels
   stay in the batch and the model's own loss (model-loss) is smoothed, text and audio, the way the
   Trainer's smoother does it. An output with labels and logits but no loss (a forward that never
   reached model-loss: status ``bypassed``, or a subclass with a copy of upstream's forward) gets the
   loss model-loss would have given it, its weights and the smoothing included, instead of "The model
-  did not return a loss". A ``compute_loss_func`` is called exactly as transformers calls it.
+  did not return a loss". The Trainer's ``compute_loss`` runs as for a model that takes no loss
+  kwargs (as transformers' own docstring advises for a loss that does not use the count): no
+  ``num_items_in_batch`` is passed to the model, and nothing multiplies its mean by the number of
+  processes. A ``compute_loss_func`` is called exactly as transformers calls it.
   The smoothing is in force for the whole of each ``training_step`` and ``prediction_step`` too, so a
   subclass's ``compute_loss`` (reading the model's loss, or calling ``higgs_audio_loss``) trains and
   evaluates the same smoothed objective (``higgs_patch.loss.settings``).
@@ -51,6 +66,7 @@ import torch
 from .. import events
 from ..loss import higgs_audio_loss, step_losses, trainer_label_smoothing
 from . import model_loss
+from .trainer_lines import Scaling, line_of
 
 HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
 
@@ -66,8 +82,9 @@ def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any])
         smoother = getattr(instance, "label_smoother", None)
         epsilon = float(smoother.epsilon) if smoother is not None else 0.0
         scoring = _ScoresItsOutputs(model, epsilon)
-        if smoother is None:  # the Trainer's own compute_loss calls the model, with all it passes
-            return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
+        if smoother is None:  # the Trainer's own compute_loss calls the model
+            with _taking_no_loss_kwargs(instance):
+                return wrapped(scoring, *args[1:], **kwargs) if args else wrapped(**{**kwargs, "model": scoring})
         outputs = scoring(**inputs)  # the labels stay in the batch: the model's loss is smoothed
         loss = outputs[0] if isinstance(outputs, tuple) else outputs.get("loss") if isinstance(outputs, Mapping) else None
         if loss is None:
@@ -78,6 +95,26 @@ def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any])
         return (loss, outputs) if return_outputs else loss
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _taking_no_loss_kwargs(trainer: Any):
+    """The Trainer's ``compute_loss`` as for a model whose loss ignores ``num_items_in_batch``.
+
+    Every line reads ``model_accepts_loss_kwargs`` there for two things only: whether to hand the
+    model the count, and (with ``average_tokens_across_devices``) whether to multiply the returned
+    loss by the number of processes. A Higgs Audio loss is a mean whatever it is handed, so neither
+    applies. ``training_step`` sees the Trainer's own value again (the accumulation rule reads it).
+    """
+    accepts = getattr(trainer, "model_accepts_loss_kwargs", False)
+    if not accepts:
+        yield
+        return
+    trainer.model_accepts_loss_kwargs = False
+    try:
+        yield
+    finally:
+        trainer.model_accepts_loss_kwargs = accepts
 
 
 class _ScoresItsOutputs:
@@ -135,7 +172,11 @@ def _smoothing(trainer: Any, model: Any):
 
 
 def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds."""
+    """Layer on ``Trainer.training_step``: each update is the mean over the micro-batches it holds.
+
+    The rule of the running transformers line is read here, once; a line no rule covers fails the install.
+    """
+    line = line_of(sys.modules["transformers"].__version__)
 
     def wrapper(wrapped, instance, args, kwargs):
         model, num_items_in_batch = _bind_training_step(*args, **kwargs)
@@ -145,11 +186,11 @@ def exact_accumulation(original: Callable[..., Any], options: Mapping[str, Any])
         with _recording() as losses, _smoothing(instance, model):
             value = wrapped(*args, **kwargs)
         _components(instance).add_all(losses)
-        if not _corrects(instance, num_items_in_batch):
+        if not _accumulates(instance):
             return value
         window.add(value)
         if instance.accelerator.sync_gradients:
-            value = window.close(model, instance.args.gradient_accumulation_steps, value)
+            value = window.close(model, line.scaling(instance, num_items_in_batch), value)
         return value
 
     return wrapper
@@ -180,12 +221,11 @@ def holds_higgs_audio(model: Any) -> bool:
     return found
 
 
-def _corrects(trainer: Any, num_items_in_batch: Any) -> bool:
+def _accumulates(trainer: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return (
-        num_items_in_batch is None
-        and trainer.args.gradient_accumulation_steps > 1
+        trainer.args.gradient_accumulation_steps > 1
         and trainer.accelerator.distributed_type != DistributedType.DEEPSPEED
     )
 
@@ -221,18 +261,21 @@ class _Window:
         if value is not None:
             self.logged = self.logged + value.detach()
 
-    def close(self, model: torch.nn.Module, steps: int, value: Any) -> Any:
-        """Divide the accumulated gradient by the window's size; make the logged values their mean."""
+    def close(self, model: torch.nn.Module, scaling: Scaling, value: Any) -> Any:
+        """Make the accumulated gradient and the logged values the mean over the window's micro-batches."""
         count, logged = self.count, self.logged
         self.count, self.logged = 0, 0.0
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.div_(count)
-        if value is None:
+        if scaling.users:
             return value
-        # Each value was loss / steps; the window's values must sum to its mean loss instead.
-        return value + logged * (steps / count - 1)
+        if scaling.backward != count:  # the gradient is the sum of loss / backward over count micro-batches
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad.div_(count / scaling.backward)
+        if value is None or scaling.logged == count:
+            return value
+        # Each value was loss / logged; the window's values must sum to its mean loss instead.
+        return value + logged * (scaling.logged / count - 1)
 
 
 def _window(trainer: Any, model: Any) -> _Window:

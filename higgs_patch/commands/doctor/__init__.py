@@ -10,14 +10,12 @@ own verdict); :mod:`.render` makes the text.
 
 from __future__ import annotations
 
-import importlib
 import time
-from types import ModuleType
 from typing import Any
 
 from ... import engine, install_advice, upstream
 from ...errors import PatchError
-from . import hook, lora, origin, stack
+from . import hook, imports, lora, origin, stack
 from .patches import check_patch
 from .render import render
 from .report import FAIL, OK, SCHEMA, WARN, Check, PatchReport, Report, one_line
@@ -33,8 +31,10 @@ def run() -> Report:
         return Report(facts, [stack.check_python(facts), stack.check_platform(facts), *unreadable], [])
     declarations = list(engine.known().values())
     started = time.perf_counter()
+    names = ["torch", "transformers", *(m for d in declarations for m in d.modules)]
     probe = lora.start()  # a fresh interpreter trying LoRA, beside this one's imports
-    imported = _import_all(["torch", "transformers", *(m for d in declarations for m in d.modules)])
+    imported = imports.import_all(names)
+    order = imports.check_import_order(declarations, imported, names)
     tried_lora = lora.finish(probe)
     import_seconds = time.perf_counter() - started
 
@@ -50,9 +50,14 @@ def run() -> Report:
         *filter(None, [lora.check_lora(facts, peft, tried_lora)]),
         stack.check_wrapt(facts),
         origin.check_upstream(facts, imported),
+        order.check,
         hook.check_startup_hook(facts),
     ]
-    patches = [check_patch(d, imported) for d in declarations]
+    try:
+        patches = [check_patch(d, imported) for d in declarations]
+    finally:
+        order.undo()
+    checks.append(imports.check_tested_line(patches))
     return Report(facts, checks, patches, import_seconds, time.perf_counter() - started)
 
 
@@ -71,14 +76,3 @@ def _unreadable_data() -> list[Check]:
             message = str(exc) if isinstance(exc, PatchError) else f"{name}: {one_line(exc)}"
             failed.append(Check("plugin data", FAIL, message, "fix or restore the file (reinstall higgs-patch)"))
     return failed
-
-
-def _import_all(names: list[str]) -> dict[str, ModuleType | BaseException]:
-    """Each module, or the exception importing it raised (reported by the checks, never dropped)."""
-    found: dict[str, ModuleType | BaseException] = {}
-    for name in dict.fromkeys(names):
-        try:
-            found[name] = importlib.import_module(name)
-        except Exception as exc:
-            found[name] = exc
-    return found

@@ -16,17 +16,23 @@ import wrapt
 from ... import engine, environment, gate, install_advice
 from ...declarations import Declaration, Target
 from ...errors import PatchError
+from ...slots import object_at
 from .report import FAIL, OK, WARN, Check, PatchReport, installed_version, one_line
 
 
 def check_patch(declaration: Declaration, imported: dict[str, Any]) -> PatchReport:
     states = {s.id: s for s in engine.status()}
     status = states[declaration.id]
+    off = gate.off_line(declaration)
+    if off:  # neither applied nor refused here: nothing else to check
+        checks = [Check("serves", OK, off), Check("would apply", OK, "no need: not needed here"),
+                  Check("this process", OK, status.state), Check("dry run", OK, "skipped: not needed here")]
+        return PatchReport(declaration, status.state, True, "", [], [], "skipped", checks, needed=False)
     severity = FAIL if declaration.default else WARN  # a default patch that cannot apply makes apply() fail
     broken = _broken(declaration, imported)  # what forcing cannot get past
     verdict = None if broken else gate.judge(declaration, False, {name: imported[name] for name in declaration.modules})
 
-    checks = [_requirements(declaration, severity)]
+    checks = [_requirements(declaration, severity)] + _serves(declaration)
     checks += [Check(name, severity, text) for name, text in broken]
     if verdict is not None:
         checks += [_code_check(c, severity) for c in verdict.code]
@@ -63,7 +69,15 @@ def _broken(declaration: Declaration, imported: dict[str, Any]) -> list[tuple[st
     if failed:
         return [("import", f"{name} cannot be imported: {one_line(error)}") for name, error in failed]
     return [("target", f"{t.path} does not exist in the installed code")
-            for t in declaration.targets if not _exists(imported[t.module], t)]
+            for t in declaration.targets if not t.adds and not _exists(imported[t.module], t)]
+
+
+def _serves(declaration: Declaration) -> list[Check]:
+    if not declaration.serves:
+        return []
+    lines = " or ".join(", ".join(f"{n}{spec}" for n, spec in line.items()) for line in declaration.serves)
+    found = ", ".join(f"{n} {installed_version(n)}" for n in dict.fromkeys(n for line in declaration.serves for n in line))
+    return [Check("serves", OK, f"needed here: it serves {lines}; found {found}")]
 
 
 def _requirements(declaration: Declaration, severity: str) -> Check:
@@ -115,10 +129,12 @@ def _dry_run(declaration: Declaration, state: str, would_apply: bool, states: di
         return "failed", Check("dry run", FAIL, f"apply() failed: {one_line(exc)}")
     try:
         now = next(s for s in engine.status() if s.id == declaration.id)
+        if now.state == "not-needed":  # a name it adds was there already: left alone
+            return "skipped", Check("dry run", WARN, f"not applied: {now.reason}")
         if now.state != "applied":
             problems.append(f"state after apply() is {now.state!r}")
         problems += [
-            f"{t.path} was not wrapped" for t in declaration.targets
+            f"{t.path} was not {'added' if t.adds else 'wrapped'}" for t in declaration.targets
             if t.path not in shared and _resolve(t) is before[t.path]
         ]
     finally:
@@ -133,4 +149,4 @@ def _dry_run(declaration: Declaration, state: str, would_apply: bool, states: di
 
 
 def _resolve(target: Target) -> object:
-    return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
+    return object_at(sys.modules[target.module], target.qualname, target.adds)

@@ -34,7 +34,9 @@ retyped key raises ``schema``.
     (list of ``module:qualname``), ``state`` (in this process: ``applied``, ``pending``,
     ``not-applied`` or ``incompatible``), ``compatible`` (bool: it would apply), ``reason`` (why not,
     "" when compatible), ``conflicts`` (list of str), ``code`` (list of ``{"target", "file",
-    "fingerprint", "known", "releases"}`` for fingerprinted targets), ``dry_run`` (``"ok"``,
+    "fingerprint", "known", "releases"}`` for fingerprinted targets), ``needed`` (bool: on a line it serves
+    here; false: ``compatible`` is true, nothing was dry-run), ``serves`` (list of ``{distribution: specifier}``,
+    any one of which makes it needed; empty: every line), ``dry_run`` (``"ok"``,
     ``"failed"`` or ``"skipped"``), ``checks`` (as above).
 """
 
@@ -74,6 +76,7 @@ class PatchReport:
     code: list[gate.CodeCheck]
     dry_run: str
     checks: list[Check]
+    needed: bool = True  # on a line it serves here (off them: not needed, neither applied nor refused)
 
     def as_json(self) -> dict[str, Any]:
         d = self.declaration
@@ -93,6 +96,8 @@ class PatchReport:
             ],
             "dry_run": self.dry_run,
             "checks": [check.as_json() for check in self.checks],
+            "needed": self.needed,
+            "serves": [{name: str(spec) for name, spec in line.items()} for line in d.serves],
         }
 
 

@@ -18,6 +18,7 @@ import wrapt
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 from ... import upstream
 from .report import FAIL, OK, WARN, Check, one_line, installed_version
@@ -134,7 +135,7 @@ def check_required(facts: dict[str, Any], distribution: str, imported: dict[str,
     """A required distribution, against what is known to work with boson_multimodal."""
     version = installed_version(distribution)
     facts[distribution] = {"installed": version is not None, "version": version}
-    rule = rule_for(distribution)
+    rule = rule_for(distribution, version)
     if version is None:
         return Check(distribution, FAIL, "not installed", rule.fix if rule else f"pip install {distribution}")
     failed = imported.get(distribution)
@@ -149,22 +150,36 @@ def check_required(facts: dict[str, Any], distribution: str, imported: dict[str,
 def check_optional(facts: dict[str, Any], distribution: str, use: str) -> Check:
     version = installed_version(distribution)
     facts[distribution] = {"installed": version is not None, "version": version}
-    rule = rule_for(distribution)
+    rule = rule_for(distribution, version)
     if version and rule and not SpecifierSet(rule.works).contains(version, prereleases=True):
         detail = f"{version} is outside {rule.works} (known to break {use}): {rule.reason}"
         return Check(distribution, FAIL, detail, rule.fix)
     return Check(distribution, OK, version or f"not installed (optional, {use})")
 
 
-def rule_for(distribution: str) -> upstream.KnownBad | None:
-    """compat/matrix.toml's known-bad rule for ``distribution`` that holds in this environment, if any."""
-    for rule in upstream.known_bad():
+def rule_for(distribution: str, version: str | None = None) -> upstream.KnownBad | None:
+    """compat/matrix.toml's known-bad rule for ``distribution`` that holds in this environment, if any; with
+    ``version``, the first such rule that version breaks, if one does (a distribution may have several)."""
+    holding = [
+        rule for rule in upstream.known_bad()
         if rule.distribution == distribution and all(
             (found := installed_version(other)) is not None and SpecifierSet(spec).contains(found, prereleases=True)
             for other, spec in rule.when.items()
-        ):
-            return rule
-    return None
+        )
+    ]
+    broken = [r for r in holding if version and not SpecifierSet(r.works).contains(version, prereleases=True)]
+    return (broken or holding or [None])[0]
+
+
+def newest_tested(distribution: str) -> Version | None:
+    """The newest version of ``distribution`` in compat/matrix.toml's tested stacks."""
+    found = []
+    for stack in upstream.tested():
+        try:
+            found.append(Version(stack.versions.get(distribution, "").split()[0]))
+        except (InvalidVersion, IndexError):
+            continue
+    return max(found, default=None)
 
 
 def check_wrapt(facts: dict[str, Any]) -> Check:

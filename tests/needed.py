@@ -1,0 +1,22 @@
+"""What this stack needs: the declarations on a line they serve here (compatibility shims off theirs are not needed)."""
+
+from higgs_patch import engine, gate
+
+
+def declarations(default_only: bool = False) -> list:
+    return [d for d in engine.known().values() if not gate.off_line(d) and (d.default or not default_only)]
+
+
+def ids(default_only: bool = False) -> list[str]:
+    return [d.id for d in declarations(default_only)]
+
+
+def not_needed() -> set[str]:
+    """The ids of the patches a bare apply() passes over on this stack, as not needed."""
+    return {d.id for d in engine.known().values() if gate.off_line(d)}
+
+
+def shims() -> list[str]:
+    """The compatibility shims (implemented in higgs_patch.shims) this stack needs: without them boson_multimodal
+    does not import or run here. On the line it was written for (4.46) there are none."""
+    return [d.id for d in declarations() if all(t.wrapper.startswith("higgs_patch.shims.") for t in d.targets)]
