@@ -80,6 +80,7 @@ def log_lines(log, slug: str) -> list[str]:
 # --- the short sample -------------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_short_sample_is_an_index_error_unpatched_and_after_revert():
     collator = tiny.collator(return_audio_in_tokens=False)
     with pytest.raises(IndexError):
@@ -184,6 +185,7 @@ def test_an_unknown_policy_is_refused():
 # --- collating the same samples twice ---------------------------------------------------------
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("make_collator", [tiny.collator, whisper_collator], ids=["plain", "whisper"])
 def test_audio_labels_vanish_on_the_second_collation_unpatched_and_after_revert(make_collator):
     collator = make_collator()

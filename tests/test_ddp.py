@@ -240,6 +240,7 @@ def test_without_the_fix_a_wrapper_under_ddp_takes_world_size_times_the_update_w
     assert losses == pytest.approx([factor * loss for loss in expected_losses], rel=1e-3)
 
 
+@pytest.mark.core
 def test_every_parameter_takes_part_in_a_step_without_audio_out_or_without_audio():
     """The same in one process: what DDP waits for is a gradient for every trainable parameter."""
     batches = {"asr-like": [tiny.without_audio_out(0), tiny.without_audio_out(1)],

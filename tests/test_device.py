@@ -28,6 +28,7 @@ def on_cpu(count: int = 2, **kwargs):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(use_delay_pattern=True), dict(return_audio_in_tokens=False)],
                          ids=["plain", "delay", "no-audio-in-tokens"])
+@pytest.mark.core
 @pytest.mark.parametrize("patches", [(PATCH,), ()], ids=["alone", "all-defaults"])
 def test_meta_codes_fail_unpatched_collate_patched_and_fail_again_after_revert(overrides, patches):
     collator = tiny.collator(**overrides)

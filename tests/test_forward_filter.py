@@ -42,6 +42,7 @@ def messages(log, needle: str) -> list[str]:
     return [r.getMessage() for r in log.records if r.name == "higgs_patch" and needle in r.getMessage()]
 
 
+@pytest.mark.core
 def test_labels_is_a_type_error_unpatched_becomes_label_ids_patched_and_is_back_after_revert(model, batch):
     inputs = without(batch, "label_ids")
     with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
@@ -105,6 +106,7 @@ def test_accepted_kwargs_pass_untouched(model, batch):
     assert torch.equal(out.logits, reference.logits)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_a_peft_lora_model_trains_with_labels_and_keeps_its_audio_inputs(batch, task_type):
     base = tiny.model().eval()

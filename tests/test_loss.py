@@ -129,6 +129,7 @@ def test_a_dataclass_batch_and_a_dict_batch_give_the_same_loss(real):
     )
 
 
+@pytest.mark.core
 def test_the_trainer_gets_the_same_loss_from_the_model(tmp_path):
     samples = varied_samples()
     inputs = tiny.DictCollator(tiny.collator())(samples)

@@ -113,6 +113,7 @@ def accelerate_rebound(model) -> bool:
 # --- the symptom ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.core
 def test_unpatched_bf16_rebinds_the_forward_to_upstreams_which_rejects_the_labels(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'labels'"):
         train_bf16(tmp_path, tiny.model(), steps=1)
@@ -121,6 +122,7 @@ def test_unpatched_bf16_rebinds_the_forward_to_upstreams_which_rejects_the_label
 # --- the stock Trainer ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["full fine-tune", "LoRA"])
 def test_bf16_training_under_the_trainer_runs_every_forward_patch(tmp_path, kind):
     with higgs_patch.applied():
@@ -163,6 +165,7 @@ def accelerator_loop(model, steps=8, mixed_precision="bf16"):
     return accelerator, model, losses, checks
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("kind", ["full fine-tune", "LoRA"])
 def test_bf16_training_in_an_accelerator_loop_runs_every_forward_patch(kind):
     with higgs_patch.applied():

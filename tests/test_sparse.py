@@ -40,6 +40,7 @@ CASES = {
 }
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_every_gradient_equal_the_dense_path(case):
     collator_settings, model_settings = CASES[case]
@@ -105,6 +106,7 @@ def test_revert_restores_the_dense_path():
     assert outputs.logits.dim() == 3 and "text_logit_positions" not in outputs
 
 
+@pytest.mark.core
 def test_the_trainer_logs_the_same_losses_with_and_without_it(tmp_path):
     from transformers import Trainer, TrainingArguments
 
