@@ -97,6 +97,11 @@ def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, 
     selected = _select(ids, default_only=True)
     per_patch = _split_options(selected, options)
     upstream.knowledge()  # malformed compat/ data fails here, before anything is touched
+    with gate.one_reading():
+        return _apply_selected(selected, per_patch, force)
+
+
+def _apply_selected(selected: list[Declaration], per_patch: dict[str, dict[str, Any]], force: bool) -> tuple[PatchStatus, ...]:
     while True:
         modules = _settle(selected)
         with _lock:

@@ -8,6 +8,8 @@ forcing would risk; force is offered only where it can help (nothing forces a pa
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import importlib.metadata
 import importlib.util
@@ -102,11 +104,33 @@ def off_line(declaration: Declaration) -> str:
     return f"not needed here: it serves {lines}; found {found}"
 
 
-def _installed(distribution: str) -> str | None:
+@contextlib.contextmanager
+def one_reading():
+    """Inside, each installed distribution's version is read once (an ``apply()`` judges every patch
+    against one reading of the stack; parsing a distribution's metadata costs a millisecond or more).
+    The next call reads the stack afresh, so a ``pip install`` in between is seen."""
+    token = _versions.set({})
     try:
-        return importlib.metadata.version(distribution)
+        yield
+    finally:
+        _versions.reset(token)
+
+
+def _installed(distribution: str) -> str | None:
+    read = _versions.get()
+    if read is not None and distribution in read:
+        return read[distribution]
+    try:
+        version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
-        return None
+        version = None
+    if read is not None:
+        read[distribution] = version
+    return version
+
+
+_versions: contextvars.ContextVar[dict[str, str | None] | None] = contextvars.ContextVar(
+    "higgs_patch_installed_versions", default=None)
 
 
 def _within(distribution: str, spec) -> bool:

@@ -825,3 +825,22 @@ def test_one_name_is_added_by_one_patch(tmp_path):
             """))
     with pytest.raises(higgs_patch.DeclarationError, match="also provided by"):
         declarations.load_all(tmp_path)
+
+
+def test_one_apply_reads_each_installed_version_once_and_the_next_call_reads_them_afresh(monkeypatch):
+    """Parsing a distribution's metadata costs a millisecond or more, and every patch names two or three."""
+    import importlib.metadata
+
+    real, reads = importlib.metadata.version, []
+
+    def counting(name):
+        reads.append(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", counting)
+    for _ in range(2):
+        higgs_patch.revert()
+        higgs_patch.apply()
+        assert reads and len(reads) == len(set(reads)), sorted(reads)
+        assert {"transformers", "boson-multimodal"} <= set(reads)  # a pip install between two calls is seen
+        reads.clear()
