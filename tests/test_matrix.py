@@ -79,6 +79,9 @@ def test_ci_reads_the_other_lines_from_the_matrix():
     assert "upstream.tested()" in listed
     runner = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ".ci/lines.py" in runner and "-m core" in runner
+    first, *others = (stack.versions["transformers"] for stack in STACKS)
+    said = f"# transformers {first} (the whole suite), {', '.join(others)} (the core tests)"
+    assert said in runner.splitlines(), f".ci/run's comment on the lines today should read: {said}"
 
 
 @pytest.mark.parametrize("rule", trainer_lines.LINES, ids=[str(rule.versions) for rule in trainer_lines.LINES])
