@@ -30,7 +30,7 @@ from higgs_patch.commands import learnability
 
 pytestmark = pytest.mark.core
 
-SHIMS = [d.id for d in engine.known().values() if all(t.wrapper.startswith("higgs_patch.shims.") for t in d.targets)]
+SHIMS = needed.every_shim()
 MAIN_LINE = Version(transformers.__version__) < Version("4.47")
 
 # 4.46.3, measured: the tiny model's loss on tiny.samples(4), and which attention ran (SDPA calls per forward).
