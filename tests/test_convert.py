@@ -215,3 +215,46 @@ def test_says_native_needs_transformers_5_3(tmp_path):
     assert done.returncode == 1
     assert "needs transformers >= 5.3" in done.stderr and transformers.__version__ in done.stderr
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.core
+@needs_native
+def test_a_rename_loaded_with_strict_false_is_silently_wrong_on_partial_dual_ffn(tmp_path):
+    """Why the converter refuses: the key renames alone, loaded as transformers' script loads (strict=False),
+    accept a partial-DualFFN checkpoint without an error and leave layer 1's audio FFN at its random init."""
+    from higgs_patch.conversion import layout
+
+    boson = tiny.model(use_delay_pattern=True, audio_dual_ffn_layers=[0]).eval()
+    config = layout.native_config(boson.config.to_dict(), {})
+    native = transformers.HiggsAudioV2ForConditionalGeneration(config, use_text_head=True).eval()
+    renamed = {layout.rename(k, layout.BOSON): v for k, v in boson.state_dict().items()}
+    missing, unexpected = native.load_state_dict(renamed, strict=False)
+    assert "model.layers.1.audio_mlp.gate_proj.weight" in missing and not unexpected
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(1, 200, (12,), generator=generator)
+    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 7), generator=generator)
+    _, _, ours, theirs = boson_and_native_logits(boson, native, text, codes)
+    assert (ours - theirs).abs().max() > 1e-3  # the audio logits are wrong, and nothing said so
+
+
+@pytest.mark.core
+@needs_native
+def test_carries_over_the_released_rope_settings_as_its_config_json_writes_them(tmp_path):
+    """The released config.json holds rope_theta and a llama3 rope_scaling (transformers 4.x's form), not 3B defaults."""
+    rope = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 256}
+    text = {**tiny.config().text_config.to_dict(), "rope_parameters": {**rope, "rope_theta": 500000.0}}
+    source, boson = boson_checkpoint(tmp_path / "boson", text_config=text)
+    config = json.loads((source / "config.json").read_text())
+    del config["text_config"]["rope_parameters"]
+    config["text_config"].update(rope_theta=500000.0, rope_scaling=rope)
+    (source / "config.json").write_text(json.dumps(config))
+    higgs_patch.convert(source, tmp_path / "native")
+    native = load_native(tmp_path / "native")
+    assert native.config.rope_parameters == {**rope, "rope_theta": 500000.0}
+    generator = torch.Generator().manual_seed(2)
+    text_ids = torch.randint(1, 200, (40,), generator=generator)
+    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 9), generator=generator)
+    ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text_ids, codes)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)

@@ -81,11 +81,11 @@ def convert(source: str | os.PathLike[str], target: str | os.PathLike[str], *, o
                 + "; ".join(problems) + ". Only the released layout converts (DualFFN on every layer, codes in, "
                 "no Whisper tower, no audio self-attention, the delay pattern)."
             )
-        native = layout.native_config(config, tokens)
-    else:
-        from transformers import HiggsAudioV2Config
-
-        native = HiggsAudioV2Config.from_pretrained(source)
+    try:
+        native = layout.native_config(config, tokens) if kind == layout.BOSON else _read_native_config(source)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConversionError(f"{source / CONFIG} is not a {kind} config as its model's class writes it: "
+                              f"{type(exc).__name__}: {exc}") from None
     try:
         stored = shards.read_headers(source)
     except (OSError, ValueError) as exc:
@@ -191,6 +191,12 @@ def _plan(stored: dict[str, shards.Stored], kind: str, expected: dict[str, tuple
     if problems:
         raise ConversionError("the checkpoint's weights do not match its config: " + "; ".join(problems))
     return _Plan([s for s in placed.values() if s], merged, dropped)
+
+
+def _read_native_config(source: Path):
+    from transformers import HiggsAudioV2Config
+
+    return HiggsAudioV2Config.from_pretrained(source)
 
 
 def _native_shapes(config) -> dict[str, tuple[int, ...]]:
