@@ -52,9 +52,11 @@ def save_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def boson_checkpoint(directory: Path, seed: int = 0, **overrides) -> tuple[Path, tiny.HiggsAudioModel]:
+def boson_checkpoint(directory: Path, seed: int = 0, max_shard_size: str = "5GB", dtype: torch.dtype | None = None,
+                     **overrides) -> tuple[Path, tiny.HiggsAudioModel]:
     model = tiny.model(seed=seed, use_delay_pattern=True, **overrides)  # the released layout: delay pattern on
-    model.save_pretrained(directory, max_shard_size=overrides.pop("max_shard_size", "5GB"))
+    model = model if dtype is None else model.to(dtype)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     save_tokenizer(directory)
     return directory, model
 
@@ -158,7 +160,9 @@ def test_refuses_a_layout_native_cannot_express_naming_it(tmp_path, overrides, n
 @pytest.mark.core
 @needs_native
 def test_streams_a_sharded_checkpoint_into_shards(tmp_path):
-    source, _ = boson_checkpoint(tmp_path / "boson", max_shard_size="100KB")
+    """Sharded in, sharded out, bf16 as released. The writer holds one tensor at a time by construction
+    (higgs_patch/conversion/shards.py); benchmarks/convert_bench.py measures the peak."""
+    source, _ = boson_checkpoint(tmp_path / "boson", max_shard_size="50KB", dtype=torch.bfloat16)
     index = json.loads((source / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     result = higgs_patch.convert(source, tmp_path / "native")
@@ -169,13 +173,14 @@ def test_streams_a_sharded_checkpoint_into_shards(tmp_path):
     assert native_index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
                                                          for t in weights(tmp_path / "native").values())
     assert result.tensors == len(native_index["weight_map"])
-    load_native(tmp_path / "native")
+    assert load_native(tmp_path / "native").dtype == torch.bfloat16
     for name in written:  # every output file is a valid safetensors file holding what the index says
         with safe_open(str(tmp_path / "native" / name), framework="pt") as handle:
             assert {k for k, v in native_index["weight_map"].items() if v == name} == set(handle.keys())
     higgs_patch.convert(tmp_path / "native", tmp_path / "back")
     before, after = weights(source), weights(tmp_path / "back")
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert before.keys() == after.keys()
+    assert all(before[k].dtype == after[k].dtype == torch.bfloat16 and torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.core
@@ -256,5 +261,30 @@ def test_carries_over_the_released_rope_settings_as_its_config_json_writes_them(
     text_ids = torch.randint(1, 200, (40,), generator=generator)
     codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 9), generator=generator)
     ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text_ids, codes)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
+
+
+@pytest.mark.core
+@needs_native
+def test_merges_the_halves_of_a_partially_frozen_embedding_and_text_head(tmp_path):
+    """Boson trains new tokens with the embedding and text head split in two (frozen, trainable) and saves them so."""
+    boson = tiny.model(use_delay_pattern=True)
+    boson.freeze_llm(freeze_embed=True, freeze_embed_until_idx=200)
+    boson.freeze_text_head(freeze_text_head_until_idx=200)
+    boson.save_pretrained(tmp_path / "boson")
+    stored = weights(tmp_path / "boson")
+    assert "embed_tokens.embedding_frozen.weight" in stored and "embed_tokens.weight" not in stored
+    result = higgs_patch.convert(tmp_path / "boson", tmp_path / "native")
+    assert result.merged == {
+        "model.embed_tokens.weight": ("embed_tokens.embedding_frozen.weight", "embed_tokens.embedding_trainable.weight"),
+        "text_lm_head.weight": ("audio_decoder_proj.text_lm_head.linear_frozen.weight",
+                                "audio_decoder_proj.text_lm_head.linear_trainable.weight"),
+    }
+    native = load_native(tmp_path / "native")
+    generator = torch.Generator().manual_seed(3)
+    text = torch.randint(1, 250, (12,), generator=generator)  # tokens on both sides of the split
+    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 5), generator=generator)
+    ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text, codes)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
