@@ -9,6 +9,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,26 @@ def test_merges_the_halves_of_a_partially_frozen_embedding_and_text_head(tmp_pat
     ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text, codes)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
+
+
+@pytest.mark.core
+@needs_native
+def test_refuses_what_is_not_a_convertible_checkpoint_naming_it(tmp_path):
+    source, model = boson_checkpoint(tmp_path / "boson")
+    refusals = {"is not a checkpoint directory": (tmp_path / "absent", tmp_path / "out1"),
+                "the target is the source directory": (source, source)}
+    llama = tmp_path / "llama"
+    transformers.LlamaConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(llama)
+    refusals["model_type 'llama'"] = (llama, tmp_path / "out2")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((source / "config.json").read_bytes())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    refusals["only safetensors checkpoints convert"] = (pickled, tmp_path / "out3")
+    extra = tmp_path / "extra"
+    model.save_pretrained(extra, state_dict={**model.state_dict(), "audio_tower.layer_norm.weight": torch.ones(4)})
+    refusals["1 key(s) no rule maps: audio_tower.layer_norm.weight"] = (extra, tmp_path / "out4")
+    for named, (source_dir, target_dir) in refusals.items():
+        with pytest.raises(higgs_patch.ConversionError, match=re.escape(named)):
+            higgs_patch.convert(source_dir, target_dir)
+        assert source_dir == target_dir or not target_dir.exists(), named
