@@ -312,3 +312,20 @@ def test_refuses_what_is_not_a_convertible_checkpoint_naming_it(tmp_path):
         with pytest.raises(higgs_patch.ConversionError, match=re.escape(named)):
             higgs_patch.convert(source_dir, target_dir)
         assert source_dir == target_dir or not target_dir.exists(), named
+
+
+@pytest.mark.core
+@needs_native
+def test_drops_buffers_that_are_no_weights_saying_why(tmp_path):
+    """Older saves hold the rotary buffers; boson's equal codebook weights are a constant. Neither is a weight."""
+    model = tiny.model(use_delay_pattern=True)
+    extra = {"rotary_emb.inv_freq": model.rotary_emb.inv_freq.clone(), "audio_codebook_weights": model.audio_codebook_weights}
+    model.save_pretrained(tmp_path / "boson", state_dict={**model.state_dict(), **extra})
+    result = higgs_patch.convert(tmp_path / "boson", tmp_path / "native")
+    assert set(result.dropped) == set(extra)
+    assert "recomputed from the config's rope parameters" in result.dropped["rotary_emb.inv_freq"]
+    from higgs_patch.conversion import summary
+
+    printed = summary(result)
+    assert "dropped audio_codebook_weights: a constant boson sets in __init__" in printed
+    load_native(tmp_path / "native")
