@@ -2,8 +2,8 @@
 
 Boson's ``higgs_audio`` config describes a family of layouts; transformers' ``higgs_audio_v2`` expresses one
 of them, the released one. :func:`refusals` names every setting of a boson config outside it, so a conversion
-never drops a part of the network silently. The key rules are regular expressions applied to whole keys;
-a key no rule, merge or drop names is refused by the caller.
+never drops a part of the network silently. One table of key templates is read both ways; a key no
+template, merge or drop names is refused by the caller, and so is any key the native model does not have.
 """
 
 from __future__ import annotations
