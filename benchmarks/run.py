@@ -1,6 +1,6 @@
 """Run the higgs-patch benchmarks: each candidate as a ratio against a reference measured in the same run.
 
-    python benchmarks/run.py [--quick] [--json PATH] [--only loss,collator,forward,startup,sparse,memory]
+    python benchmarks/run.py [--quick] [--json PATH] [--only loss,collator,forward,startup,sparse,memory,convert]
                              [--threads N] [--clock cpu|wall] [--layers 2|4]
 
 Prints the machine, a table (reference, candidate, ratio with its interquartile band over repeats,
@@ -19,7 +19,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUITES = ("loss", "collator", "forward", "startup", "sparse", "memory")
+SUITES = ("loss", "collator", "forward", "startup", "sparse", "memory", "convert")
 
 
 def _arguments() -> argparse.Namespace:
@@ -115,6 +115,7 @@ def main() -> int:
 
     harness.use_clock(arguments.clock)
     import collator_bench
+    import convert_bench
     import forward_bench
     import loss_bench
     import memory_bench
@@ -122,7 +123,8 @@ def main() -> int:
     import startup_bench
 
     modules = {"loss": loss_bench, "collator": collator_bench, "forward": forward_bench, "startup": startup_bench,
-               "sparse": sparse_bench, "memory": memory_bench}
+               "sparse": sparse_bench, "memory": memory_bench,
+               "convert": convert_bench}
     memory_bench.LAYERS = arguments.layers
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), {info['memory_gib']} GiB, "

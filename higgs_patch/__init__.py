@@ -17,6 +17,7 @@ from . import engine, sourcetree
 from .engine import PatchStatus, apply, revert, status
 from .errors import (
     AudioIndexError,
+    ConversionError,
     DataError,
     DeclarationError,
     IncompatibleUpstreamError,
@@ -26,6 +27,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .conversion import Conversion, convert
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
     from .loss import HiggsAudioLoss, higgs_audio_loss
 
@@ -35,6 +37,8 @@ _LAZY = {
     "HiggsAudioLoss": "higgs_patch.loss",
     "audio_index_counts": "higgs_patch.fixes.collator_audio_index",
     "AudioIndexCounts": "higgs_patch.fixes.collator_audio_index",
+    "convert": "higgs_patch.conversion",
+    "Conversion": "higgs_patch.conversion",
 }
 
 try:
@@ -45,6 +49,8 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 __all__ = [
     "AudioIndexCounts",
     "AudioIndexError",
+    "Conversion",
+    "ConversionError",
     "DataError",
     "DeclarationError",
     "HiggsAudioLoss",
@@ -56,6 +62,7 @@ __all__ = [
     "apply",
     "applied",
     "audio_index_counts",
+    "convert",
     "higgs_audio_loss",
     "revert",
     "status",

@@ -36,3 +36,8 @@ class InputError(PatchError, ValueError):
     The message says what is wrong and what to pass instead. Also a ValueError, as upstream's own
     complaints about such input are.
     """
+
+
+class ConversionError(PatchError, ValueError):
+    """A checkpoint cannot be converted strictly: a layout the other format cannot express, or weights that do not
+    match their config. The message names what."""

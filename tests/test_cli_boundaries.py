@@ -103,7 +103,7 @@ def test_every_command_is_reachable_with_python_m(module):
 
 
 def test_the_command_list_is_the_documented_one():
-    assert commands() == sorted(["list", "doctor", "smoke", "learnability", "fingerprint", "run", "memory"])
+    assert commands() == sorted(["list", "doctor", "smoke", "learnability", "fingerprint", "run", "memory", "convert"])
     assert isinstance(main, click.Group)
 
 

@@ -1,4 +1,4 @@
-"""The ``higgs-patch`` command: list, doctor, smoke, fingerprint.
+"""The ``higgs-patch`` command: list, doctor, smoke, fingerprint, convert.
 
 A thin click layer: the work is in :mod:`higgs_patch.doctor` and :mod:`higgs_patch.smoke`, imported
 by the command that needs them, so ``higgs-patch list`` and ``--help`` import no torch.
@@ -330,6 +330,25 @@ def fingerprint(as_json: bool) -> None:
     else:
         click.echo(provenance.fingerprints_toml(releases), nl=False)
 
+
+@main.command()
+@click.argument("source", type=click.Path(file_okay=False, path_type=str))
+@click.argument("target", type=click.Path(file_okay=False, path_type=str))
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty TARGET (its old weight files are removed).")
+def convert(source: str, target: str, overwrite: bool) -> None:
+    """Convert a checkpoint between boson's higgs_audio and transformers' native higgs_audio_v2, both ways.
+
+    Local and strict: the direction from SOURCE's config.json, the config carried over, the released layout
+    only (anything else refused, named), every weight mapped or dropped with its reason, the tokenizer files
+    copied, the tensors streamed one at a time. Needs transformers >= 5.3; nothing is downloaded.
+    """
+    from .. import conversion
+
+    try:
+        result = conversion.convert(source, target, overwrite=overwrite)
+    except (PatchError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(conversion.summary(result))
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
