@@ -222,7 +222,7 @@ class _Scored:
     __slots__ = ("_ref", "_version")
 
     def __init__(self, value: Any) -> None:
-        self._version = getattr(value, "_version", 0)
+        self._version = _in_place_version(value)
         try:
             self._ref = weakref.ref(value) if value is not None else None
         except TypeError:  # not a tensor (the checks or the scoring refuse it): held as it is
@@ -235,7 +235,16 @@ class _Scored:
         """Whether ``value`` is the very object read then, unchanged in place since."""
         if self._ref is None:
             return value is None
-        return value is not None and self._ref() is value and getattr(value, "_version", 0) == self._version
+        return (value is not None and self._ref() is value and self._version is not None
+                and _in_place_version(value) == self._version)
+
+
+def _in_place_version(value: Any) -> int | None:
+    """How often ``value`` was changed in place; None where torch does not count it (a tensor made under
+    ``torch.inference_mode()``, whose ``_version`` raises): such a field is scored afresh every time."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return None
+    return getattr(value, "_version", 0)
 
 
 def _remember(outputs: Any, scored: tuple, chosen: LossSettings, result: HiggsAudioLoss) -> None:
