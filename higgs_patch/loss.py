@@ -247,10 +247,24 @@ def _in_place_version(value: Any) -> int | None:
     return getattr(value, "_version", 0)
 
 
+class _Remembered(tuple):
+    """The losses remembered on an output. Its entries hold the scored tensors weakly, which nothing can
+    copy or pickle: a copy of the output (``copy.deepcopy``, ``pickle``, ``torch.save``) remembers nothing,
+    as a plain empty tuple, which needs no plugin to unpickle. Its tensors are new ones anyway."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return tuple, ()
+
+    def __deepcopy__(self, memo):
+        return ()
+
+
 def _remember(outputs: Any, scored: tuple, chosen: LossSettings, result: HiggsAudioLoss) -> None:
     entry = (scored, chosen, result)
     try:  # a model output takes attributes; a plain dict or tuple does not, and is simply not cached
-        object.__setattr__(outputs, _CACHE, getattr(outputs, _CACHE, ()) + (entry,))
+        object.__setattr__(outputs, _CACHE, _Remembered(getattr(outputs, _CACHE, ()) + (entry,)))
     except (AttributeError, TypeError):
         pass
 
