@@ -206,6 +206,30 @@ def test_an_rng_file_holding_anything_else_is_refused_naming_what(tmp_path):
             trainer._load_rng_state(str(checkpoint))
 
 
+#: What the Trainer's own load raises for an unreadable RNG file, on the lines where the patch does not serve.
+UPSTREAM_UNREADABLE = {b"": EOFError, b"not a checkpoint": pickle.UnpicklingError}
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("content", UPSTREAM_UNREADABLE, ids=["empty", "garbage"])
+def test_an_rng_file_torch_cannot_read_is_refused_naming_the_file_and_the_fix(tmp_path, content):
+    """Where the patch serves, torch's scanner gave a bare ValueError naming no file; elsewhere the Trainer's
+    own load raises torch's bare error (upstream's behaviour, left as it is)."""
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "rng_state.pth").write_bytes(content)
+    trainer = Trainer(model=tiny.model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    with higgs_patch.applied():
+        if not serves_here("resume-rng-state"):
+            with pytest.raises(UPSTREAM_UNREADABLE[content]):
+                trainer._load_rng_state(str(checkpoint))
+            return
+        with pytest.raises(pickle.UnpicklingError) as caught:
+            trainer._load_rng_state(str(checkpoint))
+    message = str(caught.value)
+    assert str(checkpoint / "rng_state.pth") in message and "cannot read it" in message and "Delete it" in message
+
+
 @pytest.mark.core
 def test_the_rng_state_is_restored_from_the_checkpoint(tmp_path):
     checkpoint = tmp_path / "checkpoint-1"
