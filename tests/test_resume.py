@@ -39,8 +39,8 @@ MODELS = {"full fine-tune": full_model, "LoRA": lora_model}
 class Run:
     """One Trainer run on the tiny model that records which samples each forward saw."""
 
-    def __init__(self, output_dir, model, *, resume=None, **overrides) -> None:
-        self.samples = tiny.samples(SAMPLES)
+    def __init__(self, output_dir, model, *, resume=None, samples=SAMPLES, **overrides) -> None:
+        self.samples = tiny.samples(samples)
         index = {tuple(s.input_ids.tolist()): i for i, s in enumerate(self.samples)}
         self.seen: list[list[int]] = []
 
@@ -113,6 +113,33 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, kind, where):
     for step, loss in whole.step_losses().items():
         if step > checkpoint_step:
             assert logged[step] == pytest.approx(loss, abs=1e-4), step
+
+
+# 5 micro-batches an epoch, accumulation 2: two full windows and a short last one, 3 updates an epoch.
+SHORT_WINDOW = dict(samples=5, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=3)
+
+
+@pytest.mark.core
+def test_resume_where_an_epoch_ends_in_a_short_window_is_exact_unless_the_line_miscounts_its_updates(tmp_path):
+    """transformers 4.46 counts an epoch's updates as 5 // 2 = 2 while its loop makes 3 (the short window
+    steps too): resuming from step s it skips s // 2 epochs and (s % 2) * 2 micro-batches, so from step 2
+    on it resumes at the wrong place, with or without the plugin (its own bookkeeping, for any model).
+    Before step 2 it resumes exactly; lines that count 3 updates an epoch (5.24) resume exactly everywhere."""
+    with higgs_patch.applied():
+        whole = Run(tmp_path / "whole", full_model(), **SHORT_WINDOW)
+        miscounts = whole.trainer.state.max_steps == (5 // 2) * 3  # the line's own count of updates per epoch
+        assert miscounts or whole.trainer.state.max_steps == 3 * 3
+        for step in (1, 2, 4):
+            resumed = Run(tmp_path / f"resumed-{step}", full_model(), resume=str(tmp_path / "whole" / f"checkpoint-{step}"),
+                          **SHORT_WINDOW)
+            before = 2 * step if miscounts else (step // 3) * 5 + (step % 3) * 2
+            exact = not miscounts or step < 5 // 2
+            if exact:
+                assert resumed.seen == whole.seen[before:], step
+                assert torch.equal(resumed.weights(), whole.weights()), step
+            else:
+                assert resumed.seen != whole.seen[-len(resumed.seen):], step
+                assert not torch.equal(resumed.weights(), whole.weights()), step
 
 
 @pytest.mark.core
