@@ -222,7 +222,7 @@ class _Scored:
     __slots__ = ("_ref", "_version")
 
     def __init__(self, value: Any) -> None:
-        self._version = getattr(value, "_version", 0)
+        self._version = _in_place_version(value)
         try:
             self._ref = weakref.ref(value) if value is not None else None
         except TypeError:  # not a tensor (the checks or the scoring refuse it): held as it is
@@ -235,13 +235,36 @@ class _Scored:
         """Whether ``value`` is the very object read then, unchanged in place since."""
         if self._ref is None:
             return value is None
-        return value is not None and self._ref() is value and getattr(value, "_version", 0) == self._version
+        return (value is not None and self._ref() is value and self._version is not None
+                and _in_place_version(value) == self._version)
+
+
+def _in_place_version(value: Any) -> int | None:
+    """How often ``value`` was changed in place; None where torch does not count it (a tensor made under
+    ``torch.inference_mode()``, whose ``_version`` raises): such a field is scored afresh every time."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return None
+    return getattr(value, "_version", 0)
+
+
+class _Remembered(tuple):
+    """The losses remembered on an output. Its entries hold the scored tensors weakly, which nothing can
+    copy or pickle: a copy of the output (``copy.deepcopy``, ``pickle``, ``torch.save``) remembers nothing,
+    as a plain empty tuple, which needs no plugin to unpickle. Its tensors are new ones anyway."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return tuple, ()
+
+    def __deepcopy__(self, memo):
+        return ()
 
 
 def _remember(outputs: Any, scored: tuple, chosen: LossSettings, result: HiggsAudioLoss) -> None:
     entry = (scored, chosen, result)
     try:  # a model output takes attributes; a plain dict or tuple does not, and is simply not cached
-        object.__setattr__(outputs, _CACHE, getattr(outputs, _CACHE, ()) + (entry,))
+        object.__setattr__(outputs, _CACHE, _Remembered(getattr(outputs, _CACHE, ()) + (entry,)))
     except (AttributeError, TypeError):
         pass
 

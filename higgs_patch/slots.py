@@ -19,10 +19,12 @@ A name that is already there is never replaced: :class:`AlreadyThere` says what 
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import inspect
 import logging
+import pkgutil
 import sys
 from types import MethodType, ModuleType
 from typing import Any, Callable
@@ -167,7 +169,7 @@ class Slot:
     def _proxy(self) -> object:
         if isinstance(self.original, ModuleType):
             return _module_view(self.original, self.names, self.dispatch)
-        return Proxy(self.original, self.dispatch)
+        return Proxy(self.original, self.dispatch, self.parent, self.name)
 
     def dispatch(self, wrapped: Callable[..., Any], instance: Any, args: tuple, kwargs: dict) -> Any:
         layers = self.layers
@@ -212,7 +214,12 @@ def _refuse_present(parent: object, name: str, path: str) -> None:
 class BoundProxy(wrapt.BoundFunctionWrapper):
     """Our proxy bound to an instance. Its ``__func__`` is, as a bound method's, the function as the class
     gives it: the proxy, not the original beneath it (wrapt's answer). accelerate's mixed precision
-    rebinds ``model.forward.__func__`` on the instance; with the original, every layer would be skipped."""
+    rebinds ``model.forward.__func__`` on the instance; with the original, every layer would be skipped.
+
+    It copies and pickles as a bound method does (accelerate keeps it on the instance as
+    ``_original_forward``, so a deep copy or ``torch.save`` of the model meets it): a deep copy is bound
+    to the copied instance, a pickle is ``getattr(instance, name)``, which a process without the plugin
+    resolves to upstream's own method."""
 
     @property
     def __func__(self):
@@ -220,11 +227,49 @@ class BoundProxy(wrapt.BoundFunctionWrapper):
             return self._self_parent.__get__(None, self._self_owner or type(self._self_instance))
         return self.__wrapped__.__func__
 
+    def __reduce_ex__(self, protocol):
+        holder = self._self_instance if self._self_instance is not None else self._self_owner
+        if holder is None:
+            return self._self_parent.__reduce_ex__(protocol)
+        return getattr, (holder, self._self_parent._self_name)
+
+    def __reduce__(self):
+        return self.__reduce_ex__(2)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        if self._self_binding != "function" or self._self_instance is None:
+            return self  # bound to a class, or to none: copied as the class is, not at all
+        return self._self_parent.__get__(copy.deepcopy(self._self_instance, memo), self._self_owner)
+
 
 class Proxy(wrapt.FunctionWrapper):
-    """The proxy a slot installs on a class: wrapt's, whose bound form is a :class:`BoundProxy`."""
+    """The proxy a slot installs on a class (or a module): wrapt's, whose bound form is a :class:`BoundProxy`.
+
+    Copied, it is itself, as a function is; pickled, it is the name it stands at (``getattr(holder, name)``,
+    or ``module:name`` for a module's), which a process without the plugin resolves to the original."""
 
     __bound_function_wrapper__ = BoundProxy
+
+    def __init__(self, wrapped: Any, wrapper: Layer, holder: object, name: str) -> None:
+        super().__init__(wrapped, wrapper)
+        self._self_holder, self._self_name = holder, name
+
+    def __reduce_ex__(self, protocol):
+        if isinstance(self._self_holder, ModuleType):
+            return pkgutil.resolve_name, (f"{self._self_holder.__name__}:{self._self_name}",)
+        return getattr, (self._self_holder, self._self_name)
+
+    def __reduce__(self):
+        return self.__reduce_ex__(2)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def _unwrapped(current: object, depth: int = 32):
@@ -253,5 +298,5 @@ def _module_view(module: ModuleType, names: tuple[str, ...], dispatch: Layer) ->
     view.__dict__["__getattr__"] = functools.partial(getattr, module)  # names the module gains later
     view.__dict__["__wrapped__"] = module
     for name in names:
-        view.__dict__[name] = wrapt.FunctionWrapper(getattr(module, name), dispatch)
+        view.__dict__[name] = Proxy(getattr(module, name), dispatch, module, name)
     return view

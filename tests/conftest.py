@@ -34,6 +34,21 @@ def _no_patch_leaks():
 
 
 @pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state, and TrainingArguments(bf16=True) leaves
+    ACCELERATE_MIXED_PRECISION=bf16 in the environment for every later Trainer: both are put back."""
+    from accelerate.state import AcceleratorState
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[name]
+    os.environ.update(saved)
+
+
+@pytest.fixture
 def patch_log(caplog):
     caplog.set_level(logging.INFO, logger="higgs_patch")
     return caplog

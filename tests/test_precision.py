@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from types import MethodType
 
 import pytest
@@ -61,17 +60,7 @@ def reached_the_patches(outputs, inputs, loss) -> dict:
     }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state, and TrainingArguments(bf16=True) leaves
-    ACCELERATE_MIXED_PRECISION=bf16 in the environment for every later Trainer: both are put back."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    for name in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        del os.environ[name]
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def lora(model):

@@ -39,8 +39,8 @@ MODELS = {"full fine-tune": full_model, "LoRA": lora_model}
 class Run:
     """One Trainer run on the tiny model that records which samples each forward saw."""
 
-    def __init__(self, output_dir, model, *, resume=None, **overrides) -> None:
-        self.samples = tiny.samples(SAMPLES)
+    def __init__(self, output_dir, model, *, resume=None, samples=SAMPLES, **overrides) -> None:
+        self.samples = tiny.samples(samples)
         index = {tuple(s.input_ids.tolist()): i for i, s in enumerate(self.samples)}
         self.seen: list[list[int]] = []
 
@@ -113,6 +113,33 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, kind, where):
     for step, loss in whole.step_losses().items():
         if step > checkpoint_step:
             assert logged[step] == pytest.approx(loss, abs=1e-4), step
+
+
+# 5 micro-batches an epoch, accumulation 2: two full windows and a short last one, 3 updates an epoch.
+SHORT_WINDOW = dict(samples=5, per_device_train_batch_size=1, gradient_accumulation_steps=2, num_train_epochs=3)
+
+
+@pytest.mark.core
+def test_resume_where_an_epoch_ends_in_a_short_window_is_exact_unless_the_line_miscounts_its_updates(tmp_path):
+    """transformers 4.46 counts an epoch's updates as 5 // 2 = 2 while its loop makes 3 (the short window
+    steps too): resuming from step s it skips s // 2 epochs and (s % 2) * 2 micro-batches, so from step 2
+    on it resumes at the wrong place, with or without the plugin (its own bookkeeping, for any model).
+    Before step 2 it resumes exactly; lines that count 3 updates an epoch (5.24) resume exactly everywhere."""
+    with higgs_patch.applied():
+        whole = Run(tmp_path / "whole", full_model(), **SHORT_WINDOW)
+        miscounts = whole.trainer.state.max_steps == (5 // 2) * 3  # the line's own count of updates per epoch
+        assert miscounts or whole.trainer.state.max_steps == 3 * 3
+        for step in (1, 2, 4):
+            resumed = Run(tmp_path / f"resumed-{step}", full_model(), resume=str(tmp_path / "whole" / f"checkpoint-{step}"),
+                          **SHORT_WINDOW)
+            before = 2 * step if miscounts else (step // 3) * 5 + (step % 3) * 2
+            exact = not miscounts or step < 5 // 2
+            if exact:
+                assert resumed.seen == whole.seen[before:], step
+                assert torch.equal(resumed.weights(), whole.weights()), step
+            else:
+                assert resumed.seen != whole.seen[-len(resumed.seen):], step
+                assert not torch.equal(resumed.weights(), whole.weights()), step
 
 
 @pytest.mark.core
@@ -204,6 +231,30 @@ def test_an_rng_file_holding_anything_else_is_refused_naming_what(tmp_path):
     with higgs_patch.applied():
         with pytest.raises(pickle.UnpicklingError, match=says):
             trainer._load_rng_state(str(checkpoint))
+
+
+#: What the Trainer's own load raises for an unreadable RNG file, on the lines where the patch does not serve.
+UPSTREAM_UNREADABLE = {b"": EOFError, b"not a checkpoint": pickle.UnpicklingError}
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("content", UPSTREAM_UNREADABLE, ids=["empty", "garbage"])
+def test_an_rng_file_torch_cannot_read_is_refused_naming_the_file_and_the_fix(tmp_path, content):
+    """Where the patch serves, torch's scanner gave a bare ValueError naming no file; elsewhere the Trainer's
+    own load raises torch's bare error (upstream's behaviour, left as it is)."""
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "rng_state.pth").write_bytes(content)
+    trainer = Trainer(model=tiny.model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    with higgs_patch.applied():
+        if not serves_here("resume-rng-state"):
+            with pytest.raises(UPSTREAM_UNREADABLE[content]):
+                trainer._load_rng_state(str(checkpoint))
+            return
+        with pytest.raises(pickle.UnpicklingError) as caught:
+            trainer._load_rng_state(str(checkpoint))
+    message = str(caught.value)
+    assert str(checkpoint / "rng_state.pth") in message and "cannot read it" in message and "Delete it" in message
 
 
 @pytest.mark.core

@@ -258,12 +258,15 @@ def test_boson_initialises_no_rotary_frequencies_itself_and_the_shim_computes_th
 # --- generation: each shim's breakage, and the cache buckets --------------------------------------------------
 
 
-def generate(model, buckets: str):
-    """Greedy generation from a learnability prompt, with one static cache bucket or two (the first outgrown)."""
+def generate(model, buckets: str, label_ids: bool = False):
+    """Greedy generation from a learnability prompt, with one static cache bucket or two (the first outgrown);
+    with ``label_ids``, a label for every prompt token is passed too."""
     example = learnability.examples(1)[0]
     prompt = learnability.collator(round_to=1)([example.prompt])
     inputs = tiny.fields(prompt)
     inputs.pop("label_ids"), inputs.pop("label_audio_ids")
+    if label_ids:
+        inputs["label_ids"] = inputs["input_ids"].clone()
     config = copy.deepcopy(model.config.text_config)
     config.num_hidden_layers += len(model.config.audio_dual_ffn_layers)
     length = prompt.input_ids.shape[1] + prompt.audio_in_ids.shape[1]

@@ -12,7 +12,8 @@ Change: while ``Trainer._load_rng_state`` runs, the one ``torch.load`` it makes 
 ``rng_state.pth`` / ``rng_state_<rank>.pth`` (read through the Trainer module's ``torch``, named in
 the declaration) is first scanned with torch's own weights-only scanner: if the file holds nothing
 but what torch allows and numpy's RNG state (ndarray, dtype), it is loaded; anything else is
-refused, naming the file and the globals. Nothing is added to torch's allowlist, so every other
+refused, naming the file and the globals; a file torch cannot read (empty, truncated) is refused
+naming the file and what to do. Nothing is added to torch's allowlist, so every other
 ``torch.load``, in any thread, is as strict as before. The declaration serves transformers 4.46
 with torch 2.6 and later only: elsewhere the Trainer's load works as it is (4.47 on allowlists the
 RNG state itself; an older torch's default is not weights-only), and the patch is not needed.
@@ -61,7 +62,15 @@ def load_rng_state(original: Any, options: Mapping[str, Any]):
         checkpoint = _checkpoint.get()
         if checkpoint is None or "weights_only" in kwargs or not args or not _is_rng_file(args[0], checkpoint):
             return wrapped(*args, **kwargs)
-        unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(args[0])) - RNG_STATE_GLOBALS)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(args[0])
+        except Exception as error:  # empty, truncated, not a torch.save file: torch's bare error names no file
+            raise pickle.UnpicklingError(
+                f"{args[0]} is not the RNG state a Trainer writes: torch cannot read it ({type(error).__name__}: "
+                f"{error}). It was not loaded. Delete it to resume without restoring the RNG state (the data order "
+                "then differs from the uninterrupted run's), or put back the file the Trainer wrote"
+            ) from error
+        unexpected = sorted(set(found) - RNG_STATE_GLOBALS)
         if unexpected:
             raise pickle.UnpicklingError(
                 f"{args[0]} is not the RNG state a Trainer writes: it also holds {', '.join(unexpected)}. "

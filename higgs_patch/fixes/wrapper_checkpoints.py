@@ -20,28 +20,24 @@ weights of its own:
 - ``Trainer._load_from_checkpoint`` and ``Trainer._load_best_model``: a checkpoint with the inner
   model's config (or adapter config) is loaded into the inner model, so resume and
   ``load_best_model_at_end`` work; a checkpoint of the wrapper's own state dict loads as before.
-- ``from_pretrained`` of a Higgs Audio model: a local checkpoint whose keys carry a wrapper's prefix
-  is refused with an ``InputError`` that says what it is and how to load it.
+
+A wrapper's state dict saved without this patch is refused by ``from_pretrained``: ``wrapper-state-dicts``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import sys
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from ..errors import InputError
-from .trainer_compute_loss import HIGGS_MODULE, holds_higgs_audio
+from .trainer_compute_loss import holds_higgs_audio
 
 log = logging.getLogger("higgs_patch")
 
 CONFIGS = ("config.json", "adapter_config.json")
-EMBEDDINGS = "embed_tokens.weight"  # every HiggsAudioModel state dict has it, at its top level
 
 
 def save_inner_model(original: Callable[..., Any], options: Mapping[str, Any]):
@@ -83,20 +79,6 @@ def load_best_inner_model(original: Callable[..., Any], options: Mapping[str, An
             return wrapped(*args, **kwargs)
         with _as_trainer_model(instance, found[1]):
             return wrapped(*args, **kwargs)
-
-    return wrapper
-
-
-def refuse_prefixed_state_dict(original: Callable[..., Any], options: Mapping[str, Any]):
-    """Layer on ``PreTrainedModel.from_pretrained``: a wrapper's state dict is named as such."""
-
-    def wrapper(wrapped, instance, args, kwargs):
-        module = sys.modules.get(HIGGS_MODULE)
-        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if (module is not None and isinstance(instance, type) and issubclass(instance, module.HiggsAudioModel)
-                and isinstance(path, (str, os.PathLike)) and os.path.isdir(path)):
-            _check_not_prefixed(os.path.join(path, kwargs.get("subfolder") or ""), instance)
-        return wrapped(*args, **kwargs)
 
     return wrapper
 
@@ -152,45 +134,6 @@ def _as_trainer_model(trainer: Any, inner: torch.nn.Module) -> Iterator[None]:
 def _has_config(checkpoint: Any) -> bool:
     return isinstance(checkpoint, (str, os.PathLike)) and any(
         os.path.isfile(os.path.join(checkpoint, name)) for name in CONFIGS)
-
-
-def _check_not_prefixed(folder: str, model_class: type) -> None:
-    """Refuse a state dict whose keys carry a prefix that from_pretrained would not strip.
-
-    transformers strips the class's own ``base_model_prefix`` when a config.json is there; any other
-    prefix, or no config.json, would fail misleadingly or load freshly initialised weights.
-    """
-    keys, file = _checkpoint_keys(folder)
-    if not keys or EMBEDDINGS in keys:
-        return
-    prefixes = sorted({key[: -len(EMBEDDINGS)] for key in keys if key.endswith("." + EMBEDDINGS)})
-    if not prefixes:
-        return
-    prefix, class_name = prefixes[0], model_class.__name__
-    if prefix == f"{model_class.base_model_prefix}." and os.path.isfile(os.path.join(folder, "config.json")):
-        return
-    raise InputError(
-        f"{file} is not a {class_name} checkpoint: it is the state dict of a module that holds the model, every "
-        f"key of the model prefixed {prefix!r} (as Trainer.save_model writes a wrapper module without "
-        f"higgs-patch's wrapper-checkpoints patch). Load it into that wrapper with "
-        f"wrapper.load_state_dict(safetensors.torch.load_file({file!r})), then save the inner model with "
-        f"wrapper.{prefix.rstrip('.')}.save_pretrained(folder) and load that folder with {class_name}.from_pretrained"
-    )
-
-
-def _checkpoint_keys(folder: str) -> tuple[set[str], str]:
-    """The tensor names of a safetensors checkpoint (its header or index only), and its file."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            return set(json.load(handle).get("weight_map", {})), index
-    file = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(file):
-        return set(), file
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as handle:
-        return set(handle.keys()), file
 
 
 def _bind_save(output_dir=None, state_dict=None):

@@ -16,12 +16,14 @@ them. Each is a LlamaAttention (same weights, same state-dict keys) that runs th
 its name says, whatever the text config says (4.46's LlamaSdpaAttention ran SDPA although boson's
 text config said eager), takes 4.46's call, hands the cache on under the name the installed
 LlamaAttention takes, and returns 4.46's three values (the cache it was given as the third, as
-4.46 did). Revert removes the table.
+4.46 did). Revert removes the table. Each class is made once per LlamaAttention and found by its name
+on this module, so a model holding such layers deep-copies, pickles and ``torch.save``s.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from types import ModuleType
 from typing import Any, Mapping
 
@@ -38,6 +40,17 @@ def attention_classes(holder: ModuleType, options: Mapping[str, Any]) -> dict[st
     return {implementation: _adapter(base, implementation, name, cache) for implementation, name in CLASS_NAMES.items()}
 
 
+def __getattr__(name: str) -> type:
+    """A class of the table by its 4.46 name: what pickle looks up to save (and load) a layer of it."""
+    implementation = {class_name: key for key, class_name in CLASS_NAMES.items()}.get(name)
+    if implementation is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers.models.llama import modeling_llama
+
+    return attention_classes(modeling_llama, {})[implementation]
+
+
+@functools.cache  # one class per base and implementation: the one pickle finds by name is the one the layers have
 def _adapter(base: type, implementation: str, name: str, cache_keyword: str) -> type:
     def __init__(self, config, layer_idx=None):
         pinned = copy.copy(config)  # this layer's own view: the implementation is the class's, as on 4.46
