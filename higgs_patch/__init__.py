@@ -23,11 +23,13 @@ from .errors import (
     InputError,
     OptionError,
     PatchError,
+    SampleError,
 )
 
 if TYPE_CHECKING:
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
     from .loss import HiggsAudioLoss, higgs_audio_loss
+    from .samples import training_sample
 
 # Imported on first use, so that ``import higgs_patch`` does not import torch.
 _LAZY = {
@@ -35,6 +37,7 @@ _LAZY = {
     "HiggsAudioLoss": "higgs_patch.loss",
     "audio_index_counts": "higgs_patch.fixes.collator_audio_index",
     "AudioIndexCounts": "higgs_patch.fixes.collator_audio_index",
+    "training_sample": "higgs_patch.samples",
 }
 
 try:
@@ -53,12 +56,14 @@ __all__ = [
     "OptionError",
     "PatchError",
     "PatchStatus",
+    "SampleError",
     "apply",
     "applied",
     "audio_index_counts",
     "higgs_audio_loss",
     "revert",
     "status",
+    "training_sample",
     "__version__",
 ]
 

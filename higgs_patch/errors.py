@@ -36,3 +36,10 @@ class InputError(PatchError, ValueError):
     The message says what is wrong and what to pass instead. Also a ValueError, as upstream's own
     complaints about such input are.
     """
+
+
+class SampleError(PatchError, ValueError):
+    """A conversation cannot become a training sample (``higgs_patch.training_sample``).
+
+    The message names the message (its index and role) and what is wrong with it.
+    """
