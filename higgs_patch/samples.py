@@ -251,7 +251,8 @@ def _read(audio: _Audio, rate: int | None) -> np.ndarray:
         wave, _ = librosa.load(source, sr=rate, mono=True)
     except Exception as error:  # soundfile's, audioread's and the OS's errors alike: re-raised, named
         name = "raw_audio" if content.raw_audio else repr(content.audio_url)
-        raise SampleError(f"{audio.where}: cannot read audio {name}: {error}") from error
+        reason = f"{type(error).__name__}: {error}".rstrip(": ")  # audioread's NoBackendError says nothing else
+        raise SampleError(f"{audio.where}: cannot read audio {name}: {reason}") from error
     return wave
 
 
