@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-from typing import Any, Mapping, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, Union
 
 import dacite
 import numpy as np
@@ -35,6 +35,10 @@ from boson_multimodal.dataset import chatml_dataset
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
 from .errors import SampleError
+
+if TYPE_CHECKING:  # not imported at run time: boson's model package needs the shims first on transformers >= 4.48
+    from boson_multimodal.model.higgs_audio.configuration_higgs_audio import HiggsAudioConfig
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["AudioCodes", "AudioTokenizer", "SampleError", "as_chatml_sample", "training_sample"]
 
@@ -70,8 +74,8 @@ class _Audio:
 
 def training_sample(
     conversation: ChatMLSample | Mapping[str, Any],
-    tokenizer: Any,
-    config: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    config: HiggsAudioConfig,
     *,
     audio_tokenizer: AudioTokenizer | None = None,
     codes: Sequence[AudioCodes] | Mapping[str, AudioCodes] | None = None,
@@ -119,6 +123,7 @@ def training_sample(
         audio_waveforms_concat=torch.cat([wave for wave, _ in waves]) if waves else torch.zeros(0),
         audio_waveforms_start=_starts([len(wave) for wave, _ in waves]),
         audio_sample_rate=torch.tensor([float(rate) for _, rate in waves]),
+        # boson's model reads no speaker index; the conversation's speaker is a name, not an index
         audio_speaker_indices=torch.full((len(segments),), UNKNOWN_SPEAKER, dtype=torch.long),
     )
 
@@ -172,7 +177,7 @@ def _audios(sample: ChatMLSample) -> list[_Audio]:
     return audios
 
 
-def _check_placeholder_ids(tokenizer: Any, config: Any) -> None:
+def _check_placeholder_ids(tokenizer: PreTrainedTokenizerBase, config: HiggsAudioConfig) -> None:
     for token, expected in ((AUDIO_IN, config.audio_in_token_idx), (AUDIO_OUT, config.audio_out_token_idx)):
         found = tokenizer.convert_tokens_to_ids(token)
         if found != expected:
@@ -194,7 +199,7 @@ def _check_whisper_order(audios: list[_Audio]) -> None:
 
 
 def _codes(
-    audios: list[_Audio], config: Any, audio_tokenizer: AudioTokenizer | None,
+    audios: list[_Audio], config: HiggsAudioConfig, audio_tokenizer: AudioTokenizer | None,
     codes: Sequence[AudioCodes] | Mapping[str, AudioCodes] | None,
 ) -> list[torch.Tensor]:
     if codes is not None and not isinstance(codes, Mapping) and len(codes) != len(audios):
@@ -217,8 +222,11 @@ def _codes(
     return found
 
 
-def _checked_codes(given: AudioCodes, audio: _Audio, config: Any) -> torch.Tensor:
-    codes = torch.as_tensor(np.asarray(given.cpu() if isinstance(given, torch.Tensor) else given))
+def _checked_codes(given: AudioCodes, audio: _Audio, config: HiggsAudioConfig) -> torch.Tensor:
+    try:
+        codes = given.detach().cpu() if isinstance(given, torch.Tensor) else torch.as_tensor(np.asarray(given))
+    except (TypeError, ValueError) as error:  # ragged lists, objects
+        raise SampleError(f"{audio.where}: its codes are not a (codebooks, frames) array: {error}") from error
     if codes.dim() == 3 and codes.shape[0] == 1:  # the audio tokenizer's batch of one
         codes = codes[0]
     expected = config.audio_num_codebooks

@@ -218,6 +218,11 @@ BAD = {
         dict(codes={REFERENCE: REFERENCE_CODES + tiny.CODEBOOK_SIZE, TARGET: TARGET_CODES}),
         r"message 0 \(user\): its codes leave the codebook range 0..31",
     ),
+    "codes that are not an array": (
+        {"messages": [_message("user", ["w1", AUDIO]), ANSWER]},
+        dict(codes={REFERENCE: [[1, 2], [3]], TARGET: TARGET_CODES}),
+        r"message 0 \(user\): its codes are not a \(codebooks, frames\) array",
+    ),
     "a placeholder without audio": (
         {"messages": [_message("user", "w1 <|AUDIO|>"), ANSWER]},
         dict(codes=[TARGET_CODES]),
