@@ -291,11 +291,31 @@ def test_whisper_features_with_input_audio_after_the_assistant_s_audio_are_refus
         build(conversation, config=config, codes=[REFERENCE_CODES, REFERENCE_CODES, TARGET_CODES])
 
 
-def test_import_higgs_patch_does_not_import_the_helper_until_it_is_used():
+BLOCKED_AUDIO_STACK = """
+import importlib.abc, sys
+
+class Blocked(importlib.abc.MetaPathFinder):  # as if boson's audio tokenizer (it imports torchaudio) were missing
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("boson_multimodal.audio_processing"):
+            raise ImportError(f"blocked: {name}")
+
+sys.meta_path.insert(0, Blocked())
+import higgs_patch
+assert "higgs_patch.samples" not in sys.modules  # import higgs_patch does not import the helper
+higgs_patch.apply()
+from higgs_patch.commands import tiny
+conversation = {"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2 w3"}]}
+sample = higgs_patch.training_sample(conversation, tiny.tokenizer(), tiny.config())
+assert "torchaudio" not in sys.modules
+print(sample.label_ids.tolist())
+"""
+
+
+@pytest.mark.core
+def test_the_helper_is_imported_on_first_use_and_needs_no_torchaudio():
     import subprocess
     import sys
 
-    code = ("import sys, higgs_patch; assert 'higgs_patch.samples' not in sys.modules; "
-            "higgs_patch.training_sample; assert 'higgs_patch.samples' in sys.modules")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", BLOCKED_AUDIO_STACK], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == str([-100] * 9 + [2, 3, 255])
