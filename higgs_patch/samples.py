@@ -96,13 +96,9 @@ def training_sample(
     audios = _audios(sample)
     if config.encode_whisper_embed:
         _check_whisper_order(audios)
-    segments = _codes(audios, config, audio_tokenizer, codes)
+    # Given a ChatMLSample (never a dict: as_chatml_sample read it), boson's function raises on error: its real
+    # error with the plugin applied (prepare-chatml-errors), else a TypeError whose __context__ is the real one.
     input_ids, label_ids, contents, _speaker = chatml_dataset.prepare_chatml_sample(sample, tokenizer)
-    if input_ids is None:
-        raise SampleError(
-            "boson's prepare_chatml_sample could not tokenize the conversation (it printed why and returned None); "
-            "apply higgs_patch first (patch prepare-chatml-errors) to have its real error raised"
-        )
     placeholders = sum(token in (config.audio_in_token_idx, config.audio_out_token_idx) for token in input_ids)
     if placeholders != len(contents) or len(contents) != len(audios):  # a guard: the checks above make it equal
         raise SampleError(f"the tokenized conversation has {placeholders} audio placeholders for {len(audios)} audios")
@@ -111,6 +107,7 @@ def training_sample(
             f"nothing is supervised: boson trains the assistant messages from start_index on "
             f"(start_index={sample.start_index}; roles {[message.role for message in sample.messages]})"
         )
+    segments = _codes(audios, config, audio_tokenizer, codes)  # after the cheap checks: it may encode audio
     # Waveforms only for the input audio, and only where the model encodes Whisper features of it.
     waves = [(torch.from_numpy(_read(audio, WHISPER_SAMPLING_RATE)), WHISPER_SAMPLING_RATE)
              for audio in audios if config.encode_whisper_embed and audio.is_input]
