@@ -24,12 +24,14 @@ from .errors import (
     InputError,
     OptionError,
     PatchError,
+    SampleError,
 )
 
 if TYPE_CHECKING:
     from .conversion import Conversion, convert
     from .fixes.collator_audio_index import AudioIndexCounts, audio_index_counts
     from .loss import HiggsAudioLoss, higgs_audio_loss
+    from .samples import training_sample
 
 # Imported on first use, so that ``import higgs_patch`` does not import torch.
 _LAZY = {
@@ -39,6 +41,7 @@ _LAZY = {
     "AudioIndexCounts": "higgs_patch.fixes.collator_audio_index",
     "convert": "higgs_patch.conversion",
     "Conversion": "higgs_patch.conversion",
+    "training_sample": "higgs_patch.samples",
 }
 
 try:
@@ -59,6 +62,7 @@ __all__ = [
     "OptionError",
     "PatchError",
     "PatchStatus",
+    "SampleError",
     "apply",
     "applied",
     "audio_index_counts",
@@ -66,6 +70,7 @@ __all__ = [
     "higgs_audio_loss",
     "revert",
     "status",
+    "training_sample",
     "__version__",
 ]
 

@@ -41,3 +41,10 @@ class InputError(PatchError, ValueError):
 class ConversionError(PatchError, ValueError):
     """A checkpoint cannot be converted strictly: a layout the other format cannot express, or weights that do not
     match their config. The message names what."""
+
+
+class SampleError(PatchError, ValueError):
+    """A conversation cannot become a training sample (``higgs_patch.training_sample``).
+
+    The message names the message (its index and role) and what is wrong with it.
+    """

@@ -279,6 +279,10 @@ def generate(model, buckets: str, label_ids: bool = False):
                           ras_win_len=None, eos_token_id=learnability.EOT, pad_token_id=tiny.PAD)
 
 
+# Untrained weights: with seed 0 the model's first greedy tokens on the learnability prompt open <|AUDIO_OUT|>
+# without <|audio_out_bos|>, which boson's generate cannot take (IndexError in merge_input_ids_with_audio_features).
+GENERATION_SEED = 1
+
 GENERATION_BREAKS = {  # what generate() raises on the shim's line without it
     "unfinished-sequences-arguments": (TypeError, "unexpected keyword argument 'cur_len'"),
     "cache-max-length": (AttributeError, "get_max_length"),
@@ -293,7 +297,7 @@ GENERATION_BREAKS = {  # what generate() raises on the shim's line without it
 
 @pytest.mark.parametrize("shim", list(GENERATION_BREAKS))
 def test_generate_breaks_without_the_shim_on_its_line_and_not_with_it(shim):
-    model = tiny.model(use_delay_pattern=True).eval()
+    model = tiny.model(seed=GENERATION_SEED, use_delay_pattern=True).eval()
     sequences, audio = generate(model, "two")
     assert sequences.shape[0] == 1 and sequences.shape[1] > learnability.examples(1)[0].prompt.input_ids.shape[0]
     if shim not in needed.shims():
@@ -308,7 +312,7 @@ def test_generate_breaks_without_the_shim_on_its_line_and_not_with_it(shim):
 
 
 def test_moving_to_the_next_cache_bucket_generates_what_one_large_bucket_does():
-    model = tiny.model(use_delay_pattern=True).eval()
+    model = tiny.model(seed=GENERATION_SEED, use_delay_pattern=True).eval()
     one_sequences, one_audio = generate(model, "one")
     two_sequences, two_audio = generate(model, "two")
     assert torch.equal(one_sequences, two_sequences)

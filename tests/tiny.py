@@ -5,9 +5,12 @@ from higgs_patch.commands.tiny import (  # noqa: F401 - re-exported for the test
     AUDIO_EOS,
     AUDIO_IN,
     AUDIO_OUT,
+    AUDIO_OUT_BOS_TOKEN,
+    AUDIO_EOS_TOKEN,
     CODEBOOK_SIZE,
     CODEBOOKS,
     PAD,
+    SPECIAL_TOKENS,
     VOCAB,
     ChatMLDatasetSample,
     DictCollator,
@@ -20,6 +23,7 @@ from higgs_patch.commands.tiny import (  # noqa: F401 - re-exported for the test
     model,
     sample,
     samples,
+    tokenizer,
 )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,11 +54,12 @@ REQUIRED_ACCURACY = 0.99
 SEED = 0
 
 IGNORE_INDEX = -100
-# The released chat layout's text tokens, inside the tiny vocabulary; <|audio_out_bos|> and <|audio_eos|>
+# The chat layout's tokens the checks read, inside the tiny vocabulary; <|audio_out_bos|> and <|audio_eos|>
 # are the tiny config's own audio_out_bos_token_id and audio_eos_token_id.
-USER_HEADER, ASSISTANT_HEADER, AUDIO_BOS, EOT = 201, 202, 254, 255
+EOT = tiny.SPECIAL_TOKENS["<|eot_id|>"]
 AUDIO_OUT_BOS = tiny.config().audio_out_bos_token_id
 AUDIO_EOS = tiny.config().audio_eos_token_id
+REFERENCE_AUDIO, TARGET_AUDIO = "reference.wav", "target.wav"  # the audio's names in the conversation
 
 PATCHED, UNSHIFTED = "patched", "unshifted"
 
@@ -69,6 +71,7 @@ class Example:
     sample: ChatMLDatasetSample
     prompt: ChatMLDatasetSample
     target: torch.Tensor  # (codebooks, FRAMES)
+    words: torch.Tensor  # (WORDS,): the text's token ids, which the target is a function of
 
 
 def target_codes(words: torch.Tensor) -> torch.Tensor:
@@ -78,40 +81,46 @@ def target_codes(words: torch.Tensor) -> torch.Tensor:
     return (words[frames % len(words)] * (codebooks + 1) + 3 * frames + 7 * codebooks) % tiny.CODEBOOK_SIZE
 
 
+def conversation(words: torch.Tensor) -> dict[str, Any]:
+    """The voice-clone conversation of ``words`` (tiny-vocabulary word ids), as a line of a JSON-lines file reads."""
+    text = " ".join(f"w{int(word)}" for word in words)
+    return {"messages": [
+        {"role": "user", "content": [text, {"type": "audio", "audio_url": REFERENCE_AUDIO}]},
+        {"role": "assistant", "content": {"type": "audio", "audio_url": TARGET_AUDIO}},
+    ]}
+
+
 def examples(count: int = SAMPLES) -> list[Example]:
-    """``count`` samples in the released layout, shrunk to the tiny vocabulary::
+    """``count`` samples made by :func:`higgs_patch.training_sample` from voice-clone conversations::
 
-        user:      <header> words… <|audio_bos|> <|AUDIO|> <|audio_eos|> <|eot_id|>
-        assistant: <header> <|audio_out_bos|> <|AUDIO_OUT|> <|audio_eos|> <|eot_id|>
+        user:      words… <|audio_bos|> <|AUDIO|> <|audio_eos|>          (the reference audio, an input)
+        assistant: <|audio_out_bos|> <|AUDIO_OUT|> <|audio_eos|> <|eot_id|>  (the target audio)
 
-    The assistant's tokens are the text labels (upstream's collator masks the <|AUDIO_OUT|> label);
-    the prompt is everything up to the assistant header, so the model has to start the audio itself.
+    in boson's chat format (``prepare_chatml_sample``), with the tiny tokenizer; the assistant's tokens
+    are the text labels (upstream's collator masks the <|AUDIO_OUT|> label). The prompt is everything
+    before the assistant's <|audio_out_bos|>, so the model has to start the audio itself.
     """
+    tokenizer, config = tiny.tokenizer(), tiny.config(use_delay_pattern=True)
     found = []
     for index in range(count):
         g = torch.Generator().manual_seed(1000 + index)
         words = torch.randint(1, 200, (WORDS,), generator=g)
         reference = torch.randint(0, tiny.CODEBOOK_SIZE, (tiny.CODEBOOKS, REFERENCE_FRAMES), generator=g)
         target = target_codes(words)
-        prompt = torch.cat([torch.tensor([USER_HEADER]), words,
-                            torch.tensor([AUDIO_BOS, tiny.AUDIO_IN, AUDIO_EOS, EOT, ASSISTANT_HEADER])])
-        answer = torch.tensor([AUDIO_OUT_BOS, tiny.AUDIO_OUT, AUDIO_EOS, EOT])
-        found.append(Example(
-            sample=_sample(torch.cat([prompt, answer]), torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer]),
-                           [reference, target]),
-            prompt=_sample(prompt, None, [reference]),
-            target=target,
-        ))
+        sample = higgs_patch.training_sample(conversation(words), tokenizer, config,
+                                             codes={REFERENCE_AUDIO: reference, TARGET_AUDIO: target})
+        found.append(Example(sample=sample, prompt=_prompt(sample), target=target, words=words))
     return found
 
 
-def _sample(ids: torch.Tensor, labels: torch.Tensor | None, segments: list[torch.Tensor]) -> ChatMLDatasetSample:
-    lengths = [s.shape[1] for s in segments]
-    return ChatMLDatasetSample(
-        input_ids=ids, label_ids=labels, audio_ids_concat=torch.cat(segments, dim=1),
-        audio_ids_start=torch.tensor([0] + lengths[:-1]).cumsum(0),
-        audio_waveforms_concat=torch.zeros(0), audio_waveforms_start=torch.zeros(0, dtype=torch.long),
-        audio_sample_rate=torch.zeros(0), audio_speaker_indices=torch.zeros(len(segments), dtype=torch.long),
+def _prompt(sample: ChatMLDatasetSample) -> ChatMLDatasetSample:
+    """The sample up to its (one) <|audio_out_bos|>, with the audio before it, and no labels."""
+    end = int((sample.input_ids == AUDIO_OUT_BOS).nonzero()[0])
+    inputs = int(torch.isin(sample.input_ids[:end], torch.tensor([tiny.AUDIO_IN, tiny.AUDIO_OUT])).sum())
+    frames = int(torch.cat([sample.audio_ids_start, torch.tensor([sample.audio_ids_concat.shape[1]])])[inputs])
+    return dataclasses.replace(
+        sample, input_ids=sample.input_ids[:end], label_ids=None, audio_ids_concat=sample.audio_ids_concat[:, :frames],
+        audio_ids_start=sample.audio_ids_start[:inputs], audio_speaker_indices=sample.audio_speaker_indices[:inputs],
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import transformers
 
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
@@ -23,6 +24,16 @@ CODEBOOKS = 4
 CODEBOOK_SIZE = 32
 AUDIO_BOS, AUDIO_EOS = CODEBOOK_SIZE, CODEBOOK_SIZE + 1
 PAD, AUDIO_IN, AUDIO_OUT = 0, 250, 251
+AUDIO_OUT_BOS_TOKEN, AUDIO_EOS_TOKEN = 252, 253  # the config's audio_out_bos_token_id and audio_eos_token_id
+# boson's chat-format tokens inside the tiny vocabulary; words "w1" … "w199" are ids 1 … 199.
+SPECIAL_TOKENS = {
+    "<|finetune_right_pad_id|>": PAD, "<|AUDIO|>": AUDIO_IN, "<|AUDIO_OUT|>": AUDIO_OUT,
+    "<|audio_out_bos|>": AUDIO_OUT_BOS_TOKEN, "<|audio_eos|>": AUDIO_EOS_TOKEN, "<|audio_bos|>": 254,
+    "<|eot_id|>": 255, "<|begin_of_text|>": 240, "<|end_of_text|>": 241, "<|start_header_id|>": 242,
+    "<|end_header_id|>": 243, "<|eom_id|>": 244, "<|recipient|>": 245,
+}
+ROLES = {"user": 201, "assistant": 202, "system": 203}
+UNKNOWN = 200
 
 
 def config(**overrides) -> HiggsAudioConfig:
@@ -41,7 +52,7 @@ def config(**overrides) -> HiggsAudioConfig:
         audio_num_codebooks=CODEBOOKS, audio_codebook_size=CODEBOOK_SIZE,
         audio_stream_bos_id=AUDIO_BOS, audio_stream_eos_id=AUDIO_EOS,
         audio_in_token_idx=AUDIO_IN, audio_out_token_idx=AUDIO_OUT, pad_token_id=PAD,
-        audio_out_bos_token_id=252, audio_eos_token_id=253,
+        audio_out_bos_token_id=AUDIO_OUT_BOS_TOKEN, audio_eos_token_id=AUDIO_EOS_TOKEN,
     )
     settings.update(overrides)
     if "audio_dual_ffn_layers" not in overrides:  # DualFFN on every layer, as released
@@ -49,6 +60,23 @@ def config(**overrides) -> HiggsAudioConfig:
         layers = layers.get("num_hidden_layers") if isinstance(layers, dict) else layers.num_hidden_layers
         settings["audio_dual_ffn_layers"] = list(range(layers))
     return HiggsAudioConfig(**settings)
+
+
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A text tokenizer for the tiny vocabulary, built in memory: boson's 13 special tokens at the ids the tiny
+    config uses, the roles, and the words ``w1`` … ``w199`` (id = the number), split on white space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = {index: f"<|reserved_{index}|>" for index in range(VOCAB)}
+    names.update({index: f"w{index}" for index in range(1, UNKNOWN)})
+    names.update({index: token for token, index in {**ROLES, **SPECIAL_TOKENS, "<unk>": UNKNOWN}.items()})
+    words = Tokenizer(models.WordLevel(vocab={token: index for index, token in names.items()}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.add_special_tokens(list(SPECIAL_TOKENS))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="<unk>", pad_token="<|finetune_right_pad_id|>",
+        bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+    )
 
 
 def model(seed: int = 0, **overrides) -> HiggsAudioModel:
