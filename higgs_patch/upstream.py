@@ -37,7 +37,7 @@ class TestedStack:
 
     line: str  # a short name, such as "4.57": also the folder of its venv in CI
     constraints: str  # the file under compat/ that pins the stack
-    suite: str  # what CI runs there: "full" (every test) or "core" (the tests marked core)
+    suite: str  # what CI runs there: "full" (every test), "core" or "audio" (the tests so marked)
     versions: dict[str, str]  # what ran: distribution (or python, platform) -> version
 
 
@@ -63,7 +63,7 @@ RELEASE_FIELDS = {"name": str, "origin": str, "targets": dict}
 KNOWN_BAD_FIELDS = {"distribution": str, "works": str, "reason": str, "fix": str, "when": dict}
 MATRIX_FIELDS = {"tested": list, "measured": list, "known-bad": list}  # measured: a session's run on a stack CI does not build
 TESTED_REQUIRED = ("line", "constraints", "suite", "transformers")
-SUITES = ("full", "core")
+SUITES = ("full", "core", "audio")
 
 
 def _read(name: str, fields: dict[str, type]) -> dict[str, Any]:

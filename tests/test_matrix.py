@@ -24,7 +24,8 @@ PAGE = ROOT / "docs" / "compatibility.md"
 BEGIN = "<!-- tested lines: rendered from compat/matrix.toml; tests/test_matrix.py keeps them equal -->"
 END = "<!-- end of tested lines -->"
 PINNED = ("torch", "transformers", "accelerate", "peft", "wrapt", "boson-multimodal")
-SUITE_WORDS = {"full": "the whole suite (the README's test command)", "core": "the tests marked `core`"}
+SUITE_WORDS = {"full": "the whole suite (the README's test command)", "core": "the tests marked `core`",
+              "audio": "the tests marked `audio` (the whole loop, boson's audio tokenizer and serve engine)"}
 STACKS = upstream.tested()
 
 
@@ -62,7 +63,7 @@ def test_each_tested_stack_has_a_constraints_file_that_pins_it(stack):
     for name in PINNED:
         version = stack.versions[name].split(" ")[0].split("+")[0]
         assert pinned.get(name) == f"=={version}", f"{stack.constraints}: {name} {pinned.get(name)}, matrix: {version}"
-    assert Version(stack.versions["transformers"]).base_version.startswith(stack.line + ".")
+    assert Version(stack.versions["transformers"]).base_version.startswith(stack.line.removesuffix("-audio") + ".")
 
 
 def test_the_first_line_is_the_readme_test_command_and_ci_runs_it_as_written():
@@ -79,8 +80,11 @@ def test_ci_reads_the_other_lines_from_the_matrix():
     assert "upstream.tested()" in listed
     runner = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ".ci/lines.py" in runner and "-m core" in runner
-    first, *others = (stack.versions["transformers"] for stack in STACKS)
+    first, *others = (stack.versions["transformers"] for stack in STACKS if stack.suite != "audio")
     said = f"# transformers {first} (the whole suite), {', '.join(others)} (the core tests)"
+    audio = [f"{s.versions['transformers']} on torch {s.versions['torch']}" for s in STACKS if s.suite == "audio"]
+    if audio:
+        said += f"; {', '.join(audio)} (the audio tests)"
     assert said in runner.splitlines(), f".ci/run's comment on the lines today should read: {said}"
 
 

@@ -258,23 +258,33 @@ def test_boson_initialises_no_rotary_frequencies_itself_and_the_shim_computes_th
 # --- generation: each shim's breakage, and the cache buckets --------------------------------------------------
 
 
-def generate(model, buckets: str, label_ids: bool = False):
-    """Greedy generation from a learnability prompt, with one static cache bucket or two (the first outgrown);
-    with ``label_ids``, a label for every prompt token is passed too."""
-    example = learnability.examples(1)[0]
-    prompt = learnability.collator(round_to=1)([example.prompt])
+def prompt_inputs() -> dict:
+    prompt = learnability.collator(round_to=1)([learnability.examples(1)[0].prompt])
     inputs = tiny.fields(prompt)
     inputs.pop("label_ids"), inputs.pop("label_audio_ids")
-    if label_ids:
-        inputs["label_ids"] = inputs["input_ids"].clone()
+    return inputs
+
+
+def bucket_caches(model, buckets: str) -> collections.OrderedDict:
+    """Static caches built as the serve engine builds its own: one bucket or two (the first outgrown)."""
+    inputs = prompt_inputs()
     config = copy.deepcopy(model.config.text_config)
     config.num_hidden_layers += len(model.config.audio_dual_ffn_layers)
-    length = prompt.input_ids.shape[1] + prompt.audio_in_ids.shape[1]
+    length = inputs["input_ids"].shape[1] + inputs["audio_in_ids"].shape[1]
     sizes = [length + 2, length + 40] if buckets == "two" else [length + 40]
-    caches = collections.OrderedDict(
+    return collections.OrderedDict(
         (size, StaticCache(config=config, max_batch_size=1, max_cache_len=size, device="cpu", dtype=torch.float32))
         for size in sizes
     )
+
+
+def generate(model, buckets: str, caches: collections.OrderedDict | None = None, label_ids: bool = False):
+    """Greedy generation from a learnability prompt, with one static cache bucket or two (the first outgrown);
+    with ``label_ids``, a label for every prompt token is passed too."""
+    inputs = prompt_inputs()
+    if label_ids:
+        inputs["label_ids"] = inputs["input_ids"].clone()
+    caches = caches if caches is not None else bucket_caches(model, buckets)
     return model.generate(**inputs, max_new_tokens=6, use_cache=True, do_sample=False, past_key_values_buckets=caches,
                           ras_win_len=None, eos_token_id=learnability.EOT, pad_token_id=tiny.PAD)
 
@@ -317,6 +327,48 @@ def test_moving_to_the_next_cache_bucket_generates_what_one_large_bucket_does():
     two_sequences, two_audio = generate(model, "two")
     assert torch.equal(one_sequences, two_sequences)
     assert len(one_audio) == len(two_audio) and all(torch.equal(a, b) for a, b in zip(one_audio, two_audio))
+
+
+def reset_as_the_serve_engine_does(caches) -> None:
+    """``HiggsAudioServeEngine.generate``: ``_prepare_kv_caches`` (every cache ``reset()``) under ``no_grad``."""
+    with torch.no_grad():
+        for cache in caches.values():
+            cache.reset()
+
+
+def test_the_serve_engines_caches_reset_between_generations_and_generate_as_fresh_ones():
+    """One engine keeps its caches: each generate() resets them first, the second after boson's generate filled them."""
+    model = tiny.model(use_delay_pattern=True).eval()
+    fresh_sequences, fresh_audio = generate(model, "two")
+    caches = bucket_caches(model, "two")
+    for _ in range(3):
+        reset_as_the_serve_engine_does(caches)
+        sequences, audio = generate(model, "two", caches)
+        assert torch.equal(sequences, fresh_sequences)
+        assert len(audio) == len(fresh_audio) and all(torch.equal(a, b) for a, b in zip(audio, fresh_audio))
+    shim = "cache-reset-inference-mode"
+    if shim not in needed.shims():
+        return  # before 4.56 the caches are allocated when built, as normal tensors
+    higgs_patch.revert(shim)
+    try:
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            reset_as_the_serve_engine_does(caches)
+    finally:
+        higgs_patch.apply(shim)
+
+
+def test_a_reset_outside_inference_mode_makes_no_inference_tensor():
+    """A cache filled outside inference mode resets as it did: nothing of it becomes an inference tensor."""
+    model = tiny.model(use_delay_pattern=True).eval()
+    caches = bucket_caches(model, "one")
+    with torch.no_grad():
+        model(**{k: v for k, v in prompt_inputs().items() if k in ("input_ids", "attention_mask", "audio_in_ids",
+                 "audio_in_ids_start")}, past_key_values=next(iter(caches.values())), use_cache=True)
+    reset_as_the_serve_engine_does(caches)
+    layers = getattr(next(iter(caches.values())), "layers", None) or [next(iter(caches.values()))]
+    tensors = [t for layer in layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    tensors += [t for layer in layers for name in ("key_cache", "value_cache") for t in getattr(layer, name, [])]
+    assert tensors and not any(t.is_inference() for t in tensors)
 
 
 # --- doctor ------------------------------------------------------------------------------------------------------

@@ -25,7 +25,11 @@ is routed by ``audio_index_policy``:
 - ``clamp-always``: the seed's clamp exactly, leak included, with a distinct warning when it leaks;
 - ``strict``: any mismatch, more tokens or more segments, is an ``AudioIndexError``.
 
-A sample with audio tokens and no segment at all is an ``AudioIndexError`` under every policy.
+A sample with audio tokens and no segment at all is an ``AudioIndexError`` under every policy, unless
+the collator reads none of them (no ``<|AUDIO_OUT|>``, and its audio-in tokens unused): then, as
+upstream, nothing is read. ``None`` stands for "none" in the fields upstream lets be ``None`` (what
+``HiggsAudioServeEngine`` builds: ``label_ids``, the waveform fields, and the audio codes and their
+starts without reference audio); such a sample reaches upstream as it was given.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ def _plan(collator: Any, sample: Any, position: int, policy: str) -> _Plan | Non
             f"{where} (audio_index_policy='strict'): upstream would leave the extra segments unread. "
             "Give the sample one segment per audio token, in token order, or apply with audio_index_policy='clamp'"
         )
+    if n_segments == 0 and not (n_out or (n_in and _uses_audio_in(collator))):
+        return None  # upstream reads no segment of this sample: there is nothing to route
     if n_segments == 0:
         raise AudioIndexError(f"{where}: there is no audio to read for its audio tokens; give it its audio codes")
     if policy == "strict":
@@ -132,7 +138,8 @@ def _segment_starts(sample: Any, position: int) -> list[int]:
     Upstream reads starts out of order as empty or overlapping segments, without a word.
     """
     starts = _as_list(sample.audio_ids_start)
-    _check_ascending(starts, sample.audio_ids_concat.shape[-1], "audio_ids_start", position)
+    if starts:
+        _check_ascending(starts, _length(sample.audio_ids_concat), "audio_ids_start", position)
     wave_starts = _as_list(sample.audio_waveforms_start)
     if wave_starts:
         _check_ascending(wave_starts, sample.audio_waveforms_concat.shape[-1], "audio_waveforms_start", position)
@@ -140,7 +147,14 @@ def _segment_starts(sample: Any, position: int) -> list[int]:
 
 
 def _as_list(values: Any) -> list[int]:
+    """The starts as a list; ``None`` (the serve engine's sample without that audio) is none."""
+    if values is None:
+        return []
     return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def _length(concat: Any) -> int:
+    return 0 if concat is None else concat.shape[-1]
 
 
 def _check_ascending(starts: list[int], total: int, name: str, position: int) -> None:
@@ -212,7 +226,7 @@ def _routed(sample: Any, route: torch.Tensor) -> Any:
     if sample.audio_label_ids_concat is not None:
         sample.audio_label_ids_concat = sample.audio_label_ids_concat[:, columns.to(sample.audio_label_ids_concat.device)]
     sample.audio_ids_start = _starts(codes_len[route])
-    if len(sample.audio_waveforms_start) == len(codes_start):
+    if len(_as_list(sample.audio_waveforms_start)) == len(codes_start):
         wv_start, wv_len = _segments(sample.audio_waveforms_start, sample.audio_waveforms_concat.shape[-1])
         samples = _gather_index(wv_start[route], wv_len[route])
         sample.audio_waveforms_concat = sample.audio_waveforms_concat[samples.to(sample.audio_waveforms_concat.device)]
