@@ -338,7 +338,7 @@ def reset_as_the_serve_engine_does(caches) -> None:
 
 def test_the_serve_engines_caches_reset_between_generations_and_generate_as_fresh_ones():
     """One engine keeps its caches: each generate() resets them first, the second after boson's generate filled them."""
-    model = tiny.model(use_delay_pattern=True).eval()
+    model = tiny.model(seed=GENERATION_SEED, use_delay_pattern=True).eval()
     fresh_sequences, fresh_audio = generate(model, "two")
     caches = bucket_caches(model, "two")
     for _ in range(3):
@@ -359,7 +359,7 @@ def test_the_serve_engines_caches_reset_between_generations_and_generate_as_fres
 
 def test_a_reset_outside_inference_mode_makes_no_inference_tensor():
     """A cache filled outside inference mode resets as it did: nothing of it becomes an inference tensor."""
-    model = tiny.model(use_delay_pattern=True).eval()
+    model = tiny.model(seed=GENERATION_SEED, use_delay_pattern=True).eval()
     caches = bucket_caches(model, "one")
     with torch.no_grad():
         model(**{k: v for k, v in prompt_inputs().items() if k in ("input_ids", "attention_mask", "audio_in_ids",
