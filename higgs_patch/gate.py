@@ -221,17 +221,23 @@ class Verdict:
 
 
 def judge(declaration: Declaration, force: bool, modules: Mapping[str, ModuleType | None] | None = None,
-          *, stack: bool = True) -> Verdict:
+          *, stack: bool = True, named: bool = True) -> Verdict:
     """Check the stack (unless ``stack`` is False: decided already) and the code of every fingerprinted target.
 
     ``modules`` as for :func:`code_checks`. Forcing (``force`` or HIGGS_PATCH_FORCE=1) passes what it can
     help with; a distribution that is not installed and whose code cannot be imported either cannot be forced.
+    ``named``: the user asked for this patch by name. A patch taken only as a default (a bare ``apply()``)
+    whose upstream is not installed at all is ``not_needed`` instead of refused: there is nothing of
+    it to patch, and the upstreams that are installed are served (:func:`absent`).
     """
     upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
     reason = off_line(declaration)
     if reason:
         return Verdict((), (), None, (), None, (), reason)
     found = conflicts(declaration) if stack else []
+    missing = [] if named else absent(declaration, found)
+    if missing:
+        return Verdict((), (), None, (), None, (), missing)
     unreadable = None
     try:
         checks = code_checks(declaration, modules)
@@ -277,6 +283,12 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
         if not (verdict := judge(d, False, {name: sys.modules.get(name) for name in d.modules})).problems
         and verdict.applies and not verdict.not_needed
     ]
+
+
+def absent(declaration: Declaration, found: list[Conflict]) -> str:
+    """Why a default patch is not needed here ("" when it may be): an upstream it requires is not installed."""
+    missing = not_there(declaration, found)
+    return f"{', '.join(missing)} not installed" if missing else ""
 
 
 def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:

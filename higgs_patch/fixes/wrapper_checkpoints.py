@@ -35,10 +35,18 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from .. import models
 from ..errors import InputError
-from .trainer_compute_loss import HIGGS_MODULE, holds_higgs_audio
 
 log = logging.getLogger("higgs_patch")
+
+HIGGS_MODULE = models.CLASSES[models.BOSON][0]
+
+
+def holds_higgs_audio(model: Any) -> bool:
+    """Whether boson's ``HiggsAudioModel`` is anywhere in the module tree of ``model``."""
+    return models.kind_of(model) == models.BOSON
+
 
 CONFIGS = ("config.json", "adapter_config.json")
 EMBEDDINGS = "embed_tokens.weight"  # every HiggsAudioModel state dict has it, at its top level

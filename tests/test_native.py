@@ -1,0 +1,95 @@
+"""transformers' own Higgs Audio v2 (5.3 on): the second upstream the engine serves.
+
+A tiny ``HiggsAudioV2ForConditionalGeneration`` and the real ``HiggsAudioV2Processor`` (a word-level
+tokenizer, a random ``DacModel`` as audio tokenizer: higgs_patch/commands/tiny_native.py). Each fix is
+shown wrong unpatched first. Nothing here imports boson_multimodal: these tests run where only
+transformers is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import higgs_patch
+
+pytest.importorskip("transformers.models.higgs_audio_v2", reason="transformers' own Higgs Audio v2 ships from 5.3")
+
+from higgs_patch.commands import tiny_native  # noqa: E402
+
+pytestmark = pytest.mark.core
+NATIVE = ("native-audio-eos", "native-delay-labels", "native-loss", "native-every-parameter")
+BOSON = importlib.util.find_spec("boson_multimodal") is not None
+VOICE = "say hello <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
+TWO_VOICES = "say <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|> now <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
+
+
+def processed(frames=(5, 2, 3)):
+    return tiny_native.batch(tiny_native.processor(), [VOICE, TWO_VOICES], list(frames))
+
+
+def eos_per_segment(batch) -> list[list[int]]:
+    """For each sample, each codebook: how many end-of-stream codes its audio labels supervise."""
+    return (batch["audio_labels"] == tiny_native.EOS).sum(1).tolist()
+
+
+# --- one engine, two upstreams -----------------------------------------------------------------------------
+
+
+def _fresh(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+STATES = "import json, higgs_patch; s = higgs_patch.apply(); print(json.dumps({p.id: [p.state, p.reason] for p in s}))"
+
+
+@pytest.mark.skipif(BOSON, reason="needs a stack with only transformers (boson-multimodal is installed here)")
+def test_a_bare_apply_with_only_transformers_applies_the_native_patches():
+    states = _fresh(STATES)
+    assert {states[i][0] for i in NATIVE} == {"pending"}  # applied at the import of transformers' module
+    boson = [s for s in states.values() if s[1] == "boson-multimodal not installed"]
+    assert boson and all(state == "not-needed" for state, _ in boson)
+    assert all(state in ("pending", "applied", "not-needed") for state, _ in states.values()), states
+
+
+@pytest.mark.skipif(BOSON, reason="needs a stack with only transformers (boson-multimodal is installed here)")
+def test_a_boson_patch_named_explicitly_is_still_refused_without_boson():
+    with pytest.raises(higgs_patch.IncompatibleUpstreamError, match="boson-multimodal.*not installed"):
+        higgs_patch.apply("model-loss")
+    with pytest.raises(higgs_patch.IncompatibleUpstreamError, match="not installed"):
+        higgs_patch.apply(text_loss_weight=1.0)  # an option names its patch
+
+
+@pytest.mark.skipif(not BOSON, reason="needs boson-multimodal installed beside transformers")
+def test_a_bare_apply_with_both_upstreams_serves_both():
+    states = _fresh(STATES)
+    assert {states[i][0] for i in NATIVE} == {"pending"}
+    assert states["model-loss"][0] in ("pending", "applied")
+
+
+# --- the processor's labels ----------------------------------------------------------------------------------
+
+
+def test_the_end_of_stream_code_is_supervised_once_per_segment_and_codebook():
+    assert eos_per_segment(processed()) == [[0] * 4, [0] * 4]  # upstream: never
+    higgs_patch.apply("native-audio-eos")
+    batch = processed()
+    assert eos_per_segment(batch) == [[1] * 4, [2] * 4]  # sample 0 has one segment, sample 1 two
+    assert not (batch["audio_labels"] == tiny_native.BOS).any()
+    assert (batch["audio_labels"][0, 10:] == -100).all()  # the batch's padding frames stay unsupervised
+
+
+def test_delay_tokens_are_not_text_labels():
+    delay = tiny_native.tokenizer().convert_tokens_to_ids("<|reserved_special_token_6|>")
+    assert (processed()["labels"] == delay).sum() == 3 * (tiny_native.CODEBOOKS - 1)  # upstream: K - 1 per segment
+    higgs_patch.apply("native-delay-labels")
+    batch = processed()
+    assert not (batch["labels"] == delay).any()
+    assert (batch["labels"] == batch["input_ids"]).sum() > 0  # the text is still supervised
