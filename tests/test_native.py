@@ -93,3 +93,66 @@ def test_delay_tokens_are_not_text_labels():
     batch = processed()
     assert not (batch["labels"] == delay).any()
     assert (batch["labels"] == batch["input_ids"]).sum() > 0  # the text is still supervised
+
+
+# --- every update the exact mean of its micro-batches ------------------------------------------------------
+
+SHORT, LONG = (2, 3), (24, 20)  # audio frames of the two micro-batches: few or many per text label
+
+
+def micro_batches(frames) -> list[dict]:
+    proc = tiny_native.processor()
+    texts = [VOICE, "say hello world please speak the cat <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|> now"]
+    return [dict(tiny_native.batch(proc, [text], [n], seed=i)) for i, (text, n) in enumerate(zip(texts, frames))]
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def update_ratio(tmp_path, frames, text_head: bool, lora: bool) -> float:
+    """One Trainer update under accumulation 2 (SGD, lr 1) against the mean of the micro-batches' own
+    gradients (each micro-batch's loss: every term a mean over its tokens)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_native.model(use_text_head=text_head)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    batches = micro_batches(frames)
+    model.train()
+    expected = {name: torch.zeros_like(p) for name, p in trainable(model).items()}
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()  # no count handed over: upstream's terms are each a mean over its tokens
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.grad is not None:
+                expected[name] += p.grad / len(batches)
+    model.zero_grad()
+    before = trainable(model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+                             max_grad_norm=0, weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=batches, data_collator=lambda features: features[0])
+    trainer.train()
+    update = {name: before[name] - p for name, p in trainable(model).items()}
+    done = sum((update[n] * expected[n]).sum() for n in expected)
+    return float(done / sum((e * e).sum() for e in expected.values()))
+
+
+CASES = [(frames, head, lora) for lora in (False, True) for head in (True, False) for frames in (SHORT, LONG)]
+
+
+@pytest.mark.parametrize("frames,text_head,lora", CASES,
+                         ids=[f"{'long' if f == LONG else 'short'}-{'text' if h else 'no text'}-{'lora' if l else 'bare'}"
+                              for f, h, l in CASES])
+def test_one_update_under_accumulation_is_the_mean_of_its_micro_batches(tmp_path, frames, text_head, lora):
+    higgs_patch.apply(*NATIVE, "trainer-compute-loss")
+    assert update_ratio(tmp_path, frames, text_head, lora) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("frames", [SHORT, LONG], ids=["short", "long"])
+def test_unpatched_one_update_is_scaled_by_the_text_labels(tmp_path, frames):
+    ratio = update_ratio(tmp_path, frames, text_head=True, lora=False)
+    assert abs(ratio - 1.0) > 0.1, ratio  # the Trainer's count of text labels divides every codebook's loss
