@@ -23,7 +23,7 @@ pytest.importorskip("transformers.models.higgs_audio_v2", reason="transformers' 
 from higgs_patch.commands import tiny_native  # noqa: E402
 
 pytestmark = pytest.mark.core
-NATIVE = ("native-audio-eos", "native-delay-labels", "native-loss", "native-every-parameter")
+NATIVE = ("native-audio-eos", "native-delay-labels", "native-loss", "native-every-parameter", "native-text-head")
 BOSON = importlib.util.find_spec("boson_multimodal") is not None
 VOICE = "say hello <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
 TWO_VOICES = "say <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|> now <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
@@ -156,3 +156,72 @@ def test_one_update_under_accumulation_is_the_mean_of_its_micro_batches(tmp_path
 def test_unpatched_one_update_is_scaled_by_the_text_labels(tmp_path, frames):
     ratio = update_ratio(tmp_path, frames, text_head=True, lora=False)
     assert abs(ratio - 1.0) > 0.1, ratio  # the Trainer's count of text labels divides every codebook's loss
+
+
+# --- the objective, an option ------------------------------------------------------------------------------
+
+
+def upstream_terms(model, batch) -> tuple[float, float]:
+    """Upstream's text loss and its sum over codebooks (no count handed over: each a mean), unpatched."""
+    higgs_patch.revert("native-loss", "native-every-parameter")
+    text = model(**{k: v for k, v in batch.items() if k != "audio_labels"}).loss
+    codebooks = model(**{k: v for k, v in batch.items() if k != "labels"}).loss
+    return float(text.detach()), float(codebooks.detach())
+
+
+def test_the_default_objective_is_transformers_own():
+    model, batch = tiny_native.model(), dict(processed())
+    higgs_patch.apply("native-loss")
+    patched = float(model(**batch).loss.detach())
+    text, codebooks = upstream_terms(model, batch)
+    assert patched == pytest.approx(text + codebooks, rel=1e-5)
+
+
+@pytest.mark.parametrize("weights,expected", [
+    ({}, lambda text, audio: (text + audio) / 2),
+    ({"native_text_loss_weight": 2.0, "native_audio_loss_weight": 0.5}, lambda text, audio: 2 * text + 0.5 * audio),
+], ids=["mean", "weighted"])
+def test_bosons_objective_when_asked(weights, expected):
+    model, batch = tiny_native.model(), dict(processed())
+    higgs_patch.apply("native-loss", native_objective="boson", **weights)
+    patched = float(model(**batch).loss.detach())
+    text, codebooks = upstream_terms(model, batch)
+    # every codebook supervises as many tokens here, so the mean over their tokens is the mean of their means
+    assert patched == pytest.approx(expected(text, codebooks / tiny_native.CODEBOOKS), rel=1e-5)
+
+
+def test_weights_without_bosons_objective_are_refused():
+    with pytest.raises(higgs_patch.PatchError, match="native_objective='boson'"):
+        higgs_patch.apply("native-loss", native_text_loss_weight=2.0)
+
+
+def test_the_components_reach_the_trainers_logs(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    higgs_patch.apply(*NATIVE, "trainer-compute-loss")
+    batches = micro_batches(SHORT)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             remove_unused_columns=False)
+    trainer = Trainer(model=tiny_native.model(), args=args, train_dataset=batches,
+                      data_collator=lambda features: features[0])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all({"text_loss", "audio_loss", "audio_loss_cb0", "audio_loss_cb3"} <= set(e) for e in logged)
+
+
+# --- a trained text head, loaded ---------------------------------------------------------------------------
+
+
+def test_a_trained_text_head_is_kept_on_load(tmp_path):
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    trained = tiny_native.model(seed=1)
+    trained.save_pretrained(tmp_path)
+    assert HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path).text_lm_head is None  # upstream: dropped
+    higgs_patch.apply("native-text-head")
+    loaded = HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(loaded.text_lm_head.weight, trained.text_lm_head.weight)
+    assert HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path, use_text_head=False).text_lm_head is None
+    higgs_patch.revert("native-text-head")
+    assert HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path).text_lm_head is None
