@@ -134,8 +134,12 @@ _versions: contextvars.ContextVar[dict[str, str | None] | None] = contextvars.Co
 
 
 def _within(distribution: str, spec) -> bool:
+    """A distribution not installed does not count against a line where its code is there without
+    metadata (a checkout on PYTHONPATH); where its code is not there either, the line is not this one."""
     version = _installed(distribution)
-    return version is None or spec.contains(version, prereleases=True)
+    if version is None:
+        return _findable(distribution.replace("-", "_"))
+    return spec.contains(version, prereleases=True)
 
 
 def definition(target: Target, holder: ModuleType | None = None) -> tuple[str, str | None]:
@@ -286,9 +290,25 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
 
 
 def absent(declaration: Declaration, found: list[Conflict]) -> str:
-    """Why a default patch is not needed here ("" when it may be): an upstream it requires is not installed."""
+    """Why a default patch is not needed here ("" when it may be): an upstream it requires is not installed,
+    or the package its targets live in cannot be found at all."""
     missing = not_there(declaration, found)
+    named = {canonicalize_name(m) for m in missing}
+    missing += [f"{package} (the package of its targets)" for package in dict.fromkeys(
+        t.module.split(".")[0] for t in declaration.targets) if canonicalize_name(package) not in named
+        and not _findable(package)]
     return f"{', '.join(missing)} not installed" if missing else ""
+
+
+def _findable(package: str) -> bool:
+    """Whether a top-level package can be imported here (read once per :func:`one_reading`)."""
+    read, key = _versions.get(), f"find_spec:{package}"
+    if read is not None and key in read:
+        return read[key] is not None
+    found = importlib.util.find_spec(package) is not None
+    if read is not None:
+        read[key] = "found" if found else None
+    return found
 
 
 def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:
