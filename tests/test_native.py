@@ -112,7 +112,15 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def update_ratio(tmp_path, frames, text_head: bool, lora: bool) -> float:
+class ReadsTheModelsLoss:
+    """The community trainers' shape: a subclass whose compute_loss calls the model and reads its loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)  # some hand the count on: it must not matter
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+
+def update_ratio(tmp_path, frames, text_head: bool, lora: bool, subclass: bool = False) -> float:
     """One Trainer update under accumulation 2 (SGD, lr 1) against the mean of the micro-batches' own
     gradients (each micro-batch's loss: every term a mean over its tokens)."""
     from transformers import Trainer, TrainingArguments
@@ -136,7 +144,8 @@ def update_ratio(tmp_path, frames, text_head: bool, lora: bool) -> float:
                              max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
                              max_grad_norm=0, weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=True,
                              disable_tqdm=True, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=batches, data_collator=lambda features: features[0])
+    kind = type("Subclass", (ReadsTheModelsLoss, Trainer), {}) if subclass else Trainer
+    trainer = kind(model=model, args=args, train_dataset=batches, data_collator=lambda features: features[0])
     trainer.train()
     update = {name: before[name] - p for name, p in trainable(model).items()}
     done = sum((update[n] * expected[n]).sum() for n in expected)
@@ -152,6 +161,12 @@ CASES = [(frames, head, lora) for lora in (False, True) for head in (True, False
 def test_one_update_under_accumulation_is_the_mean_of_its_micro_batches(tmp_path, frames, text_head, lora):
     higgs_patch.apply(*NATIVE, "trainer-compute-loss")
     assert update_ratio(tmp_path, frames, text_head, lora) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("frames", [SHORT, LONG], ids=["short", "long"])
+def test_a_subclass_reading_the_models_loss_updates_by_the_mean_too(tmp_path, frames):
+    higgs_patch.apply(*NATIVE, "trainer-compute-loss")
+    assert update_ratio(tmp_path, frames, text_head=True, lora=False, subclass=True) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("frames", [SHORT, LONG], ids=["short", "long"])
