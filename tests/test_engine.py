@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import dataclasses
 import json
 import os
@@ -45,7 +47,8 @@ def _object_at(target) -> object:
     if target.adds:
         parent = wrapt.resolve_path(sys.modules[target.module], holder)[2] if holder else sys.modules[target.module]
         return vars(parent).get(name)
-    return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
+    # transformers' own Higgs Audio v2 (the native patches' targets) is imported here, as boson's is above
+    return wrapt.resolve_path(importlib.import_module(target.module), target.qualname)[2]
 
 
 ORIGINALS = current()
