@@ -242,3 +242,20 @@ def test_a_trained_text_head_is_kept_on_load(tmp_path):
     assert HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path, use_text_head=False).text_lm_head is None
     higgs_patch.revert("native-text-head")
     assert HiggsAudioV2ForConditionalGeneration.from_pretrained(tmp_path).text_lm_head is None
+
+
+def test_doctor_reports_the_native_patches():
+    import shutil
+    from pathlib import Path
+
+    command = shutil.which("higgs-patch", path=str(Path(sys.executable).parent))
+    done = subprocess.run([command, "doctor", "--json"], capture_output=True, text=True, timeout=600)
+    report = json.loads(done.stdout)
+    sections = {p["id"]: p for p in report["patches"]}
+    for patch_id in NATIVE:
+        verdict = next(c for c in sections[patch_id]["checks"] if c["name"] == "would apply")
+        assert verdict["level"] == "ok" and verdict["detail"] == "yes", (patch_id, verdict)
+    if not BOSON:  # only transformers: boson's patches are passed over, and nothing fails
+        assert done.returncode == 0, [c for c in report["checks"] if c["level"] == "fail"]
+        model_loss = sections["model-loss"]["checks"]
+        assert any("boson-multimodal not installed" in c["detail"] for c in model_loss)
