@@ -21,8 +21,9 @@ average of losses it takes for sums over the count of every rank. Its label smoo
 expanded sequence or audio head. Without a loss in the outputs, its ``compute_loss`` has nothing to
 return.
 
-Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
-PEFT, ``torch.compile``, a user's wrapper module):
+Change, for a model that holds a Higgs Audio model of either upstream anywhere in its module tree
+(boson's ``HiggsAudioModel`` or transformers' ``HiggsAudioV2ForConditionalGeneration``, whose loss
+native-loss makes a mean; through DDP, Accelerate, PEFT, ``torch.compile``, a user's wrapper module):
 
 - ``training_step``: the Trainer says before each micro-batch whether the optimizer steps after it
   (``accelerator.sync_gradients``). At that micro-batch the gradient accumulated since the last
