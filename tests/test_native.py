@@ -259,3 +259,13 @@ def test_doctor_reports_the_native_patches():
         assert done.returncode == 0, [c for c in report["checks"] if c["level"] == "fail"]
         model_loss = sections["model-loss"]["checks"]
         assert any("boson-multimodal not installed" in c["detail"] for c in model_loss)
+
+
+def test_every_native_fix_reads_symptom_cause_change():
+    from higgs_patch import engine
+
+    for declaration in engine.known().values():
+        if declaration.id in NATIVE:
+            module = importlib.import_module(declaration.targets[0].wrapper.partition(":")[0])
+            doc = module.__doc__
+            assert doc.startswith(declaration.id) and doc.index("Symptom:") < doc.index("Cause:") < doc.index("Change:")
