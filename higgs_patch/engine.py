@@ -98,10 +98,11 @@ def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, 
     per_patch = _split_options(selected, options)
     upstream.knowledge()  # malformed compat/ data fails here, before anything is touched
     with gate.one_reading():
-        return _apply_selected(selected, per_patch, force)
+        return _apply_selected(selected, per_patch, force, named=bool(ids))
 
 
-def _apply_selected(selected: list[Declaration], per_patch: dict[str, dict[str, Any]], force: bool) -> tuple[PatchStatus, ...]:
+def _apply_selected(selected: list[Declaration], per_patch: dict[str, dict[str, Any]], force: bool,
+                    named: bool) -> tuple[PatchStatus, ...]:
     while True:
         modules = _settle(selected)
         with _lock:
@@ -111,7 +112,9 @@ def _apply_selected(selected: list[Declaration], per_patch: dict[str, dict[str, 
             done: list[str] = []
             try:
                 for declaration in selected:
-                    if _request(declaration, per_patch[declaration.id], force, modules):
+                    # an option given names its patch too: apply(text_loss_weight=...) without boson is refused
+                    if _request(declaration, per_patch[declaration.id], force, modules,
+                                named or bool(per_patch[declaration.id])):
                         done.append(declaration.id)
             except Exception as exc:
                 for patch_id in reversed(done):
@@ -250,7 +253,8 @@ def _load_factories(selected) -> None:
 # --- one patch ------------------------------------------------------------------------------------------
 
 
-def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modules: Mapping[str, ModuleType | None]) -> bool:
+def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modules: Mapping[str, ModuleType | None],
+             named: bool = True) -> bool:
     """Apply one patch now or when its modules are imported; False if it already was.
 
     Options not ``chosen`` take the declared defaults, or keep the values an applied patch runs with:
@@ -269,7 +273,7 @@ def _request(declaration: Declaration, chosen: dict[str, Any], force: bool, modu
     _unblock(declaration.id, record)
     own = {name: modules[name] for name in declaration.modules}
     options = {**declaration.defaults, **chosen}
-    verdict = gate.judge(declaration, force, own)
+    verdict = gate.judge(declaration, force, own, named=named)
     if verdict.not_needed:
         _not_needed(declaration, record, verdict.not_needed)
         return False

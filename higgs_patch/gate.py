@@ -134,8 +134,12 @@ _versions: contextvars.ContextVar[dict[str, str | None] | None] = contextvars.Co
 
 
 def _within(distribution: str, spec) -> bool:
+    """A distribution not installed does not count against a line where its code is there without
+    metadata (a checkout on PYTHONPATH); where its code is not there either, the line is not this one."""
     version = _installed(distribution)
-    return version is None or spec.contains(version, prereleases=True)
+    if version is None:
+        return _findable(distribution.replace("-", "_"))
+    return spec.contains(version, prereleases=True)
 
 
 def definition(target: Target, holder: ModuleType | None = None) -> tuple[str, str | None]:
@@ -221,17 +225,23 @@ class Verdict:
 
 
 def judge(declaration: Declaration, force: bool, modules: Mapping[str, ModuleType | None] | None = None,
-          *, stack: bool = True) -> Verdict:
+          *, stack: bool = True, named: bool = True) -> Verdict:
     """Check the stack (unless ``stack`` is False: decided already) and the code of every fingerprinted target.
 
     ``modules`` as for :func:`code_checks`. Forcing (``force`` or HIGGS_PATCH_FORCE=1) passes what it can
     help with; a distribution that is not installed and whose code cannot be imported either cannot be forced.
+    ``named``: the user asked for this patch by name. A patch taken only as a default (a bare ``apply()``)
+    whose upstream is not installed at all is ``not_needed`` instead of refused: there is nothing of
+    it to patch, and the upstreams that are installed are served (:func:`absent`).
     """
     upstream.knowledge()  # malformed compat/ data is a DataError of its own, never "unknown code" to force past
     reason = off_line(declaration)
     if reason:
         return Verdict((), (), None, (), None, (), reason)
     found = conflicts(declaration) if stack else []
+    missing = [] if named else absent(declaration, found)
+    if missing:
+        return Verdict((), (), None, (), None, (), missing)
     unreadable = None
     try:
         checks = code_checks(declaration, modules)
@@ -277,6 +287,28 @@ def still_applicable(declarations: Iterable[Declaration]) -> list[str]:
         if not (verdict := judge(d, False, {name: sys.modules.get(name) for name in d.modules})).problems
         and verdict.applies and not verdict.not_needed
     ]
+
+
+def absent(declaration: Declaration, found: list[Conflict]) -> str:
+    """Why a default patch is not needed here ("" when it may be): an upstream it requires is not installed,
+    or the package its targets live in cannot be found at all."""
+    missing = not_there(declaration, found)
+    named = {canonicalize_name(m) for m in missing}
+    missing += [f"{package} (the package of its targets)" for package in dict.fromkeys(
+        t.module.split(".")[0] for t in declaration.targets) if canonicalize_name(package) not in named
+        and not _findable(package)]
+    return f"{', '.join(missing)} not installed" if missing else ""
+
+
+def _findable(package: str) -> bool:
+    """Whether a top-level package can be imported here (read once per :func:`one_reading`)."""
+    read, key = _versions.get(), f"find_spec:{package}"
+    if read is not None and key in read:
+        return read[key] is not None
+    found = importlib.util.find_spec(package) is not None
+    if read is not None:
+        read[key] = "found" if found else None
+    return found
 
 
 def not_there(declaration: Declaration, found: list[Conflict]) -> list[str]:

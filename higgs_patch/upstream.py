@@ -47,7 +47,12 @@ class Knowledge:
     releases: tuple[Release, ...]
 
     def must_match(self, target_path: str) -> bool:
-        return target_path.split(".", 1)[0].split(":", 1)[0] in self.fingerprinted
+        return self.package_of(target_path) is not None
+
+    def package_of(self, target_path: str) -> str | None:
+        """The entry of ``fingerprinted`` (a package, or a dotted module prefix) that holds the target, if any."""
+        module = target_path.partition(":")[0]
+        return next((p for p in self.fingerprinted if module == p or module.startswith(p + ".")), None)
 
     def known(self, target_path: str) -> dict[str, list[str]]:
         """Known fingerprints of one target, each with the releases that carry it."""

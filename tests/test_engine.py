@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import dataclasses
 import json
 import os
@@ -45,7 +47,8 @@ def _object_at(target) -> object:
     if target.adds:
         parent = wrapt.resolve_path(sys.modules[target.module], holder)[2] if holder else sys.modules[target.module]
         return vars(parent).get(name)
-    return wrapt.resolve_path(sys.modules[target.module], target.qualname)[2]
+    # transformers' own Higgs Audio v2 (the native patches' targets) is imported here, as boson's is above
+    return wrapt.resolve_path(importlib.import_module(target.module), target.qualname)[2]
 
 
 ORIGINALS = current()
@@ -401,9 +404,12 @@ def test_the_installed_upstream_matches_the_known_fingerprints():
     from higgs_patch import gate
 
     for declaration in engine.known().values():
+        if gate.off_line(declaration):  # transformers' own Higgs Audio v2 before 5.3: nothing of it to check
+            continue
         for check in gate.code_checks(declaration):
             assert check.matches, str(check)
-            assert "boson-multimodal 0.1.1" in check.releases
+            upstream = "boson-multimodal 0.1.1" if check.target.startswith("boson_multimodal") else "transformers "
+            assert any(release.startswith(upstream) for release in check.releases), str(check)
 
 
 # --- import order and the gate, in fresh interpreters ---------------------------------------------------
@@ -641,7 +647,8 @@ def line_declaration(serves: str, patch_id: str = "line-test", default: bool = F
     ('[serves]\ntransformers = "<4"\n', False),
     ('[serves]\ntransformers = ">=4"\ntorch = "<1"\n', False),  # a table: every distribution in it
     ('[[serves]]\ntransformers = "<4"\n[[serves]]\ntransformers = ">=4"\n', True),  # an array: any one table
-    ('[serves]\nno-such-distribution = ">=1"\n', True),  # not installed: no version to be off a line by
+    # not installed, and no code of it anywhere (no checkout on the path either): this is not its line
+    ('[serves]\nno-such-distribution = ">=1"\n', False),
     ('[serves]\ntransformers = ">=4"\n', True),
 ])
 def test_a_patch_off_the_lines_it_serves_is_not_needed_and_on_them_applies(declare, serves, needed_here):
@@ -652,7 +659,8 @@ def test_a_patch_off_the_lines_it_serves_is_not_needed_and_on_them_applies(decla
         assert "line-test" in os.environ["HIGGS_PATCH_ACTIVATE"]
     else:
         assert status.state == "not-needed"
-        assert status.reason.startswith("not needed here: it serves") and transformers.__version__ in status.reason
+        assert status.reason.startswith("not needed here: it serves")
+        assert transformers.__version__ in status.reason or "no-such-distribution None" in status.reason
         assert Model.__dict__["forward"] is ORIGINALS[FORWARD]  # neither applied nor refused
         assert "line-test" not in os.environ.get("HIGGS_PATCH_ACTIVATE", "")
     assert higgs_patch.revert("line-test")[0].state == "not-applied"

@@ -97,8 +97,13 @@ def test_a_version_conflict_gives_the_pip_command_first_and_forcing_it_says_what
     assert f'pip install "transformers{trainer_spec}"' in warning
 
 
-def test_without_the_upstream_no_force_hint_and_force_does_not_leave_everything_pending(without_upstream):
-    for arguments in ("", "force=True"):
+def test_without_the_upstream_a_bare_apply_passes_over_its_patches_and_naming_one_is_refused(without_upstream):
+    found, _ = report(REPORT.format(imports="", arguments=""), pythonpath=without_upstream, flags=("-S",))
+    assert found["outcome"] == "applied"  # the upstreams installed are served; boson's patches are not needed
+    for declaration in DEFAULTS:
+        if any(t.path.startswith("boson_multimodal") for t in declaration.targets):
+            assert found["states"][declaration.id] == "not-needed", declaration.id
+    for arguments in ("'model-loss'", "'model-loss', force=True", "text_loss_weight=1.0"):
         found, _ = report(REPORT.format(imports="", arguments=arguments), pythonpath=without_upstream, flags=("-S",))
         message = found["outcome"]
         assert 'requested: "boson-multimodal >=0.1.0" but found: nothing (not installed)' in message
@@ -162,7 +167,10 @@ def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
     assert done.returncode == 1
     fixes = [c["fix"] for c in report_["checks"] if c["name"] == "boson_multimodal"]
     fixes += [c["fix"] for p in report_["patches"] for c in p["checks"] if c["level"] != "ok" and c["fix"]]
-    assert len(fixes) >= 5 and set(fixes) == {BOSON_FIX}
+    assert fixes and set(fixes) == {BOSON_FIX}
+    # its patches' sections say what a bare apply() does with them
+    model_loss = next(p for p in report_["patches"] if p["id"] == "model-loss")
+    assert any("boson-multimodal not installed: a bare apply() passes over it" in c["detail"] for c in model_loss["checks"])
 
 
 

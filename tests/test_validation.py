@@ -212,8 +212,8 @@ MATRIX = (declarations.resources.files("higgs_patch.compat") / "matrix.toml").re
     "old,new,expected",
     [
         ("fingerprinted = [", "fingerprinted = [[", "not valid TOML"),
-        ('fingerprinted = ["boson_multimodal"]', 'fingerprinted = "boson_multimodal"', "field 'fingerprinted' must be an array"),
-        ('fingerprinted = ["boson_multimodal"]', 'fingerprinted = ["boson_multimodal"]\nrelases = []', "unknown field 'relases'"),
+        ('fingerprinted = ["boson_multimodal"', 'fingerprinted = "boson_multimodal" #', "field 'fingerprinted' must be an array"),
+        ('fingerprinted = [', 'relases = []\nfingerprinted = [', "unknown field 'relases'"),
         ('"ast1:8fc77fb28d181de969fdfd90"', "12", r"release\[0\].*targets.*must be a string, not the value 12"),
         ('"ast1:8fc77fb28d181de969fdfd90"', '"8fc77fb28d181de969fdfd90"', r"release\[0\].*expected 'module:Qualified.name' = \"ast1:"),
         ('origin = "PyPI wheel (CRLF line endings)"', "origin = 3", r"release\[0\]: field 'origin' must be a string"),

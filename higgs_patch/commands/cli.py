@@ -180,7 +180,9 @@ def _smoke_failed(step: str, exc: BaseException) -> None:
 
 
 @main.command()
-def learnability() -> None:
+@click.option("--native", is_flag=True,
+              help="transformers' own Higgs Audio v2 (5.3+): it learns to stop with the native patches, and not without.")
+def learnability(native: bool) -> None:
     """Show that training under the patches trains the right thing: the model generates its targets back.
 
     The tiny DualFFN model (delay pattern on), voice-clone samples whose target codes are a function
@@ -191,9 +193,12 @@ def learnability() -> None:
     """
     import transformers
 
+    transformers.logging.set_verbosity_error()
+    if native:
+        _learnability_native()
+        return
     from . import learnability as check
 
-    transformers.logging.set_verbosity_error()
     click.echo(
         f"higgs-patch learnability: the tiny DualFFN model (delay pattern on), {check.SAMPLES} voice-clone samples whose\n"
         f"target codes ({check.tiny.CODEBOOKS} codebooks x {check.FRAMES} frames) are a function of their text; trained on cpu "
@@ -211,6 +216,23 @@ def learnability() -> None:
         click.echo("learnability: FAILED")
         sys.exit(1)
     click.echo("learnability: passed: the patched model generates every training target; the unshifted loss does not")
+
+
+def _learnability_native() -> None:
+    from . import learnability_native as check
+
+    click.echo(f"higgs-patch learnability --native: the tiny HiggsAudioV2ForConditionalGeneration memorises {len(check.PROMPTS)} "
+               f"prompts' audio ({check.FRAMES} frames), then generates each back greedily (at most {check.MAX_FRAMES} frames)")
+    patched, unpatched = check.compare()
+    click.echo(check.report(patched, unpatched))
+    problems = check.problems(patched, unpatched)
+    for problem in problems:
+        click.echo(f"  {_marks()['fail']} {problem}")
+    if problems:
+        click.echo("learnability --native: FAILED")
+        sys.exit(1)
+    click.echo("learnability --native: passed: with the native patches the model generates its codes and stops; "
+               "without them it never stops")
 
 
 def _show_probes(results: list[Any], marks: dict[str, str], unpatched: bool) -> bool:

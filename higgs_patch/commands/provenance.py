@@ -125,10 +125,28 @@ def installed_fingerprints() -> list[dict[str, Any]]:
     targets: dict[str, dict[str, str]] = {}
     for declaration in engine.known().values():
         for target in declaration.targets:
-            if knowledge.must_match(target.path):
-                package = targets.setdefault(target.path.split(".", 1)[0].split(":", 1)[0], {})
-                package[target.path] = fingerprint.of_file(*gate.definition(target))
+            held = knowledge.package_of(target.path)
+            if held is None or _absent(held):  # an upstream not installed here has nothing to fingerprint
+                continue
+            package = targets.setdefault(held.split(".", 1)[0], {})
+            package[target.path] = _fingerprint(target)
     return [_release(package, found) for package, found in targets.items()]
+
+
+def _fingerprint(target) -> str:
+    """A target's fingerprint, read from source without importing it where that finds it (boson's
+    modules import only with the shims of a 5.x line in place); else by importing it."""
+    try:
+        return fingerprint.of_file(*gate.static_definition(target))
+    except (FileNotFoundError, LookupError):
+        return fingerprint.of_file(*gate.definition(target))
+
+
+def _absent(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its package is not there
+        return True
 
 
 def _release(package: str, targets: dict[str, str]) -> dict[str, Any]:

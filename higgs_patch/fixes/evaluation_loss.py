@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from .trainer_compute_loss import holds_higgs_audio
+from .wrapper_checkpoints import holds_higgs_audio
 
 #: The bare model's label names (its forward's), then what forward-kwargs-filter passes on as label_ids.
 HIGGS_LABELS = ("label_ids", "label_audio_ids")

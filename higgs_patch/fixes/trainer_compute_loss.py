@@ -21,8 +21,9 @@ average of losses it takes for sums over the count of every rank. Its label smoo
 expanded sequence or audio head. Without a loss in the outputs, its ``compute_loss`` has nothing to
 return.
 
-Change, for a model that holds a ``HiggsAudioModel`` anywhere in its module tree (DDP, Accelerate,
-PEFT, ``torch.compile``, a user's wrapper module):
+Change, for a model that holds a Higgs Audio model of either upstream anywhere in its module tree
+(boson's ``HiggsAudioModel`` or transformers' ``HiggsAudioV2ForConditionalGeneration``, whose loss
+native-loss makes a mean; through DDP, Accelerate, PEFT, ``torch.compile``, a user's wrapper module):
 
 - ``training_step``: the Trainer says before each micro-batch whether the optimizer steps after it
   (``accelerator.sync_gradients``). At that micro-batch the gradient accumulated since the last
@@ -63,13 +64,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .. import events
+from .. import events, models
 from ..loss import higgs_audio_loss, step_losses, trainer_label_smoothing
 from . import model_loss
 from .trainer_lines import Scaling, line_of
-
-HIGGS_MODULE = "boson_multimodal.model.higgs_audio.modeling_higgs_audio"
-
 
 def compute_higgs_loss(original: Callable[..., Any], options: Mapping[str, Any]):
     """Layer on ``Trainer.compute_loss``: the model's own loss, smoothed as the Trainer asks, and scored
@@ -131,6 +129,7 @@ class _ScoresItsOutputs:
         try:
             outputs = self.model(*args, **inputs)
             if (isinstance(outputs, Mapping) and outputs.get("loss") is None and outputs.get("logits") is not None
+                    and models.kind_of(self.model) == models.BOSON  # the native model scores its own labels
                     and any(inputs.get(name) is not None for name in model_loss.LABELS)):
                 batch = dict(inputs)
                 if batch.get("label_ids") is None and batch.get("labels") is not None:
@@ -211,14 +210,9 @@ def log_components(original: Callable[..., Any], options: Mapping[str, Any]):
 
 
 def holds_higgs_audio(model: Any) -> bool:
-    """Whether a ``HiggsAudioModel`` is anywhere in the module tree of ``model`` (cached per model)."""
-    module = sys.modules.get(HIGGS_MODULE)
-    if module is None or not isinstance(model, torch.nn.Module):
-        return False
-    found = _holds.get(model)
-    if found is None:
-        found = _holds[model] = any(isinstance(m, module.HiggsAudioModel) for m in model.modules())
-    return found
+    """Whether a Higgs Audio model of either upstream is anywhere in the module tree of ``model``
+    (boson's ``HiggsAudioModel`` or transformers' ``HiggsAudioV2ForConditionalGeneration``: :mod:`higgs_patch.models`)."""
+    return models.kind_of(model) is not None
 
 
 def _accumulates(trainer: Any) -> bool:
@@ -336,7 +330,6 @@ class _Components:
 
 
 _lock = threading.Lock()
-_holds: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 _windows: "weakref.WeakKeyDictionary[Any, _Window]" = weakref.WeakKeyDictionary()
 _components_by_trainer: "weakref.WeakKeyDictionary[Any, _Components]" = weakref.WeakKeyDictionary()
 

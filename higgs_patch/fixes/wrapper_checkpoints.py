@@ -33,9 +33,17 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .trainer_compute_loss import holds_higgs_audio
+from .. import models
 
 log = logging.getLogger("higgs_patch")
+
+HIGGS_MODULE = models.CLASSES[models.BOSON][0]
+
+
+def holds_higgs_audio(model: Any) -> bool:
+    """Whether boson's ``HiggsAudioModel`` is anywhere in the module tree of ``model``."""
+    return models.kind_of(model) == models.BOSON
+
 
 CONFIGS = ("config.json", "adapter_config.json")
 

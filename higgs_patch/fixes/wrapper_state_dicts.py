@@ -26,7 +26,7 @@ import sys
 from typing import Any, Callable, Mapping
 
 from ..errors import InputError
-from .trainer_compute_loss import HIGGS_MODULE
+from .wrapper_checkpoints import HIGGS_MODULE
 
 EMBEDDINGS = "embed_tokens.weight"  # every HiggsAudioModel state dict has it, at its top level
 

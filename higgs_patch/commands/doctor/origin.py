@@ -7,6 +7,7 @@ check names that one and the versions that work.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ def check_upstream(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
         info["error"] = one_line(exc)
         culprit = (getattr(exc, "name", None) or "").split(".")[0]
         if isinstance(exc, ModuleNotFoundError) and culprit == UPSTREAM and version is None:
+            if _native_model():
+                return Check(UPSTREAM, WARN, "not installed: its patches are not needed here; transformers' own "
+                             "Higgs Audio v2 is served by the native-* patches", install)
             return Check(UPSTREAM, FAIL, "not installed", install)
         installed = f"{version} is installed but " if version else ""
         detail = f"{installed}{name} cannot be imported: {one_line(exc)} (raised at {raised_at(exc)})"
@@ -89,3 +93,11 @@ def _upstream_requirement(distribution: str) -> str:
         if canonicalize_name(requirement.name) == canonicalize_name(distribution) and requirement.marker is None:
             return str(requirement.specifier)
     return ""
+
+
+def _native_model() -> bool:
+    """Whether transformers ships its own Higgs Audio v2 here (5.3 on), which the native-* patches serve."""
+    try:
+        return importlib.util.find_spec("transformers.models.higgs_audio_v2") is not None
+    except ModuleNotFoundError:
+        return False

@@ -28,6 +28,12 @@ def check_patch(declaration: Declaration, imported: dict[str, Any]) -> PatchRepo
         checks = [Check("serves", OK, off), Check("would apply", OK, "no need: not needed here"),
                   Check("this process", OK, status.state), Check("dry run", OK, "skipped: not needed here")]
         return PatchReport(declaration, status.state, True, "", [], [], "skipped", checks, needed=False)
+    absent = gate.absent(declaration, gate.conflicts(declaration))
+    if absent:  # its upstream is not installed: a bare apply() passes over it, as gate.judge decides
+        checks = [Check("requires", OK, f"{absent}: a bare apply() passes over it (not-needed); named, it is refused"),
+                  Check("would apply", OK, "no need: its upstream is not installed"),
+                  Check("this process", OK, status.state), Check("dry run", OK, "skipped: its upstream is not installed")]
+        return PatchReport(declaration, status.state, True, "", [], [], "skipped", checks, needed=False)
     severity = FAIL if declaration.default else WARN  # a default patch that cannot apply makes apply() fail
     broken = _broken(declaration, imported)  # what forcing cannot get past
     verdict = None if broken else gate.judge(declaration, False, {name: imported[name] for name in declaration.modules})
