@@ -364,7 +364,7 @@ def test_smoke_trains_with_falling_losses(cli):
     found = losses(result.stdout)
     assert found["text loss"][1] < found["text loss"][0]
     assert found["audio loss"][1] < found["audio loss"][0]
-    assert {s.state for s in higgs_patch.status()} == {"not-applied"}  # it reverts what it applied
+    assert {s.state for s in higgs_patch.status() if s.id not in needed.shims()} == {"not-applied"}  # it reverts what it applied
 
 
 def test_smoke_compare_subprocess_shows_what_the_patches_fix():
