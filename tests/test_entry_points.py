@@ -91,3 +91,28 @@ def test_the_readmes_first_example_runs_as_a_script(tmp_path):
     done = shell([sys.executable, str(example)], cwd=tmp_path)
     assert done.returncode == 0, f"{where}\n{said(done)}"
     assert "'model-loss'" in done.stdout and "applied" in done.stdout
+
+
+def test_apply_then_importing_the_upstream_and_the_trainer_logs_no_warning():
+    """A training script's first lines, on a stack the plugin is tested on: nothing to warn about. Before issue 26,
+    on transformers 5.25 every apply() warned '(already-there) ... modeling_attn_mask_utils' (a shim whose target
+    5.25 ships again)."""
+    code = (
+        "import logging, warnings\n"
+        "records = []\n"
+        "class Keep(logging.Handler):\n"
+        "    def emit(self, record): records.append(f'{record.levelname}: {record.getMessage()}')\n"
+        "logging.getLogger('higgs_patch').addHandler(Keep(logging.WARNING))\n"
+        "import higgs_patch\n"
+        "higgs_patch.apply()\n"
+        "from boson_multimodal.model.higgs_audio.modeling_higgs_audio import HiggsAudioModel\n"
+        "from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator\n"
+        "from transformers import Trainer, TrainingArguments\n"
+        "states = {s.state for s in higgs_patch.status()}\n"
+        "assert not states & {'incompatible', 'bypassed', 'pending'}, higgs_patch.status()\n"
+        "assert not records, records\n"
+        "print('quiet')\n"
+    )
+    done = shell([sys.executable, "-c", code])
+    assert done.returncode == 0, said(done)
+    assert done.stdout.strip() == "quiet"
