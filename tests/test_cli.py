@@ -286,6 +286,38 @@ def test_doctor_informs_about_a_torchaudio_that_cannot_do_audio_io(tmp_path, rai
     assert "advice: only if your own code reads audio with torchaudio" in text
 
 
+@pytest.mark.core
+def test_doctor_names_a_torchaudio_that_cannot_load_as_the_cause(tmp_path):
+    """PyPI's torchaudio 2.11.1 is a CUDA build: on a CPU torch its extension fails to load (OSError from torch's
+    load_library), and transformers 5 imports torchaudio whenever it is installed, so boson's model, collator and
+    peft fail with it. Before issue 26 doctor ticked torchaudio and advised reinstalling boson and another peft.
+    Stand-in: a real package on PYTHONPATH whose import raises that OSError, naming its library as torch does
+    (building a venv with the real wheel needs a download at test time)."""
+    package = tmp_path / "torchaudio"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import os\nraise OSError('Could not load this library: ' + os.path.join(os.path.dirname(__file__), "
+        "'lib', '_torchaudio.so'))\n")
+    (tmp_path / "torchaudio-2.11.1.dist-info").mkdir()
+    (tmp_path / "torchaudio-2.11.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchaudio\nVersion: 2.11.1\nRequires-Dist: torch>=2.11\n")
+    done = run("doctor", "--json", pythonpath=tmp_path)
+    report = json.loads(done.stdout)
+    check = next(c for c in report["checks"] if c["name"] == "torchaudio")
+    assert "cannot be loaded" in check["detail"] and "_torchaudio.so" in check["detail"], check
+    assert "pip uninstall -y torchaudio" in check["fix"]
+    others = [c for c in report["checks"] if c["name"] != "torchaudio" and c["level"] == "fail"]
+    others += [c for p in report["patches"] for c in p["checks"] if c["level"] == "fail" and c["name"] == "import"]
+    if others:  # something of the stack imports it here (transformers 5): torchaudio is the failure and the cause
+        assert check["level"] == "fail" and done.returncode == 1
+    else:
+        assert check["level"] == "warn"
+    for other in others:
+        assert other["fix"] == "fix torchaudio (its check above)", other
+    advice = " ".join(c["fix"] for c in report["checks"] + [c for p in report["patches"] for c in p["checks"]])
+    assert "reinstall" not in advice and "pip install 'peft" not in advice
+
+
 @pytest.mark.parametrize("version", ["0.21.2", "0.18.0"])
 def test_doctor_fails_on_a_peft_known_to_break_lora(tmp_path, version):
     """compat/matrix.toml: peft 0.18 to 0.21 with torch 2.13 crash in get_peft_model: a failure, with the fix."""
