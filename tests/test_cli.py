@@ -203,9 +203,8 @@ def test_doctor_subprocess_passes():
     assert "doctor: all good" in done.stdout
     for patch_id in PATCH_IDS:
         assert f"Patch {patch_id} " in done.stdout
-    # The checks after importing the stack are fast.
-    seconds = float(re.search(r"checks took ([\d.]+) s", done.stdout).group(1))
-    assert seconds < 3
+    # It says how long it took (a figure, not a goal: benchmarks measure time, tests measure behaviour).
+    assert re.search(r"checks took [\d.]+ s after [\d.]+ s importing the stack", done.stdout), done.stdout[-500:]
 
 
 def test_doctor_fails_when_upstream_cannot_be_imported(tmp_path):
@@ -279,7 +278,7 @@ def test_doctor_informs_about_a_torchaudio_that_cannot_do_audio_io(tmp_path, rai
     assert done.returncode == 0 and report["ok"] is True and report["counts"]["warn"] == 0, done.stdout[-3000:]
     check = next(c for c in report["checks"] if c["name"] == "torchaudio")
     assert check["level"] == "ok" and "cannot save and load a WAV file" in check["detail"] and cause in check["detail"]
-    assert "nothing in higgs-patch" in check["detail"]
+    assert "nothing in higgs-patch" in check["detail"] and "torchaudio 2.9.1 does file I/O through torchcodec, and torchcodec is not installed" in check["detail"]
     assert "FFmpeg" in check["fix"] and f"torch {importlib.metadata.version('torch')}" in check["fix"]
     assert report["environment"]["torchaudio"] == {"installed": True, "version": "2.9.1", "wav_roundtrip": False}
     text = run("doctor", pythonpath=tmp_path).stdout
