@@ -67,7 +67,7 @@ SHIMS_ELSEWHERE = frozenset({"doctor", "list", "run"})
 def main(ctx: click.Context, verbose: int) -> None:
     """Run-time, versioned, reversible patches that make Higgs Audio v2 train under the Trainer."""
     _configure_logging(verbose)
-    if ctx.invoked_subcommand not in SHIMS_ELSEWHERE:
+    if ctx.invoked_subcommand is not None and ctx.invoked_subcommand not in SHIMS_ELSEWHERE:
         _shims_first()
 
 
