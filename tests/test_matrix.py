@@ -95,12 +95,6 @@ def lines_said() -> str:
     return ", ".join(f"{', '.join(versions)} ({words[suite]})" for suite, versions in runs)
 
 
-def test_the_newest_tested_line_runs_the_whole_suite():
-    """The newest line is where next month's breakage shows first: every test runs there, not only the core ones."""
-    newest = max(STACKS, key=lambda stack: Version(stack.versions["transformers"]))
-    assert newest.suite == "full", f"compat/matrix.toml: the newest line, {newest.line}, runs {newest.suite!r}"
-
-
 @pytest.mark.parametrize("rule", trainer_lines.LINES, ids=[str(rule.versions) for rule in trainer_lines.LINES])
 def test_every_rule_of_the_accumulation_fix_is_proved_on_a_tested_line(rule):
     """tests/test_trainer_lines.py checks the rule of the installed line; CI must install one line per rule."""
