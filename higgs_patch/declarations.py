@@ -22,6 +22,7 @@ from .errors import DeclarationError, OptionError
 
 #: Implementations must live in this package: a declaration can never make us import foreign code.
 IMPLEMENTATION_PACKAGE = "higgs_patch"
+SHIMS_PACKAGE = "higgs_patch.shims."
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,12 @@ class Declaration:
     @property
     def defaults(self) -> dict[str, Any]:
         return {name: option.default for name, option in self.options.items()}
+
+    @property
+    def shim(self) -> bool:
+        """A compatibility shim (every target implemented in higgs_patch.shims): it makes boson_multimodal import
+        and run on a transformers line it was not written for, and fixes nothing of boson's own."""
+        return all(target.wrapper.startswith(SHIMS_PACKAGE) for target in self.targets)
 
 
 FIELDS = {"id": str, "version": str, "summary": str, "symptom": str, "cause": str, "change": str, "default": bool,

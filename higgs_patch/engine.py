@@ -90,6 +90,13 @@ def known() -> dict[str, Declaration]:
     return _declarations
 
 
+def shims_needed() -> list[str]:
+    """The compatibility shims this stack needs (on a line they serve): without them boson_multimodal does not
+    import, or run, here. Whatever imports the upstream on a user's behalf applies them before it does."""
+    with gate.one_reading():
+        return [d.id for d in known().values() if d.shim and d.default and not gate.off_line(d)]
+
+
 def apply(*ids: str, force: bool = False, **options: Any) -> tuple[PatchStatus, ...]:
     """Apply the named patches (all default ones when none are named); atomic across the call."""
     if not isinstance(force, bool):

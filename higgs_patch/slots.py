@@ -206,9 +206,13 @@ def _refuse_present(parent: object, name: str, path: str) -> None:
             present = False
     if present:
         found = getattr(parent, name, None)
-        what = type(found).__name__ if found is not None else "a submodule on disk"
-        origin = getattr(found, "__module__", None) or getattr(found, "__name__", None) or "?"
-        raise AlreadyThere(f"{path} is already there ({what} from {origin}), not added by higgs_patch")
+        if found is None:  # a submodule not imported yet: where it lies
+            spec = importlib.util.find_spec(f"{parent.__name__}.{name}")
+            where = f"a submodule on disk: {spec.origin}" if spec is not None and spec.origin else "a submodule on disk"
+        else:
+            origin = getattr(found, "__module__", None) or getattr(found, "__name__", None)
+            where = f"{type(found).__name__} from {origin}" if origin else type(found).__name__
+        raise AlreadyThere(f"{path} is already there ({where}), not added by higgs_patch")
 
 
 class BoundProxy(wrapt.BoundFunctionWrapper):

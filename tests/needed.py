@@ -16,17 +16,12 @@ def not_needed() -> set[str]:
     return {d.id for d in engine.known().values() if gate.off_line(d)}
 
 
-def is_shim(declaration) -> bool:
-    """A compatibility shim: every target's wrapper is implemented in higgs_patch.shims."""
-    return all(t.wrapper.startswith("higgs_patch.shims.") for t in declaration.targets)
-
-
 def every_shim() -> list[str]:
     """The ids of every compatibility shim declared, needed on this stack or not."""
-    return [d.id for d in engine.known().values() if is_shim(d)]
+    return [d.id for d in engine.known().values() if d.shim]
 
 
 def shims() -> list[str]:
     """The compatibility shims (implemented in higgs_patch.shims) this stack needs: without them boson_multimodal
     does not import or run here. On the line it was written for (4.46) there are none."""
-    return [d.id for d in declarations() if is_shim(d)]
+    return engine.shims_needed()

@@ -203,9 +203,8 @@ def test_doctor_subprocess_passes():
     assert "doctor: all good" in done.stdout
     for patch_id in PATCH_IDS:
         assert f"Patch {patch_id} " in done.stdout
-    # The checks after importing the stack are fast.
-    seconds = float(re.search(r"checks took ([\d.]+) s", done.stdout).group(1))
-    assert seconds < 3
+    # It says how long it took (a figure, not a goal: benchmarks measure time, tests measure behaviour).
+    assert re.search(r"checks took [\d.]+ s after [\d.]+ s importing the stack", done.stdout), done.stdout[-500:]
 
 
 def test_doctor_fails_when_upstream_cannot_be_imported(tmp_path):
@@ -279,11 +278,43 @@ def test_doctor_informs_about_a_torchaudio_that_cannot_do_audio_io(tmp_path, rai
     assert done.returncode == 0 and report["ok"] is True and report["counts"]["warn"] == 0, done.stdout[-3000:]
     check = next(c for c in report["checks"] if c["name"] == "torchaudio")
     assert check["level"] == "ok" and "cannot save and load a WAV file" in check["detail"] and cause in check["detail"]
-    assert "nothing in higgs-patch" in check["detail"]
+    assert "nothing in higgs-patch" in check["detail"] and "torchaudio 2.9.1 does file I/O through torchcodec, and torchcodec is not installed" in check["detail"]
     assert "FFmpeg" in check["fix"] and f"torch {importlib.metadata.version('torch')}" in check["fix"]
     assert report["environment"]["torchaudio"] == {"installed": True, "version": "2.9.1", "wav_roundtrip": False}
     text = run("doctor", pythonpath=tmp_path).stdout
     assert "advice: only if your own code reads audio with torchaudio" in text
+
+
+@pytest.mark.core
+def test_doctor_names_a_torchaudio_that_cannot_load_as_the_cause(tmp_path):
+    """PyPI's torchaudio 2.11.1 is a CUDA build: on a CPU torch its extension fails to load (OSError from torch's
+    load_library), and transformers 5 imports torchaudio whenever it is installed, so boson's model, collator and
+    peft fail with it. Before issue 26 doctor ticked torchaudio and advised reinstalling boson and another peft.
+    Stand-in: a real package on PYTHONPATH whose import raises that OSError, naming its library as torch does
+    (building a venv with the real wheel needs a download at test time)."""
+    package = tmp_path / "torchaudio"
+    (package / "lib").mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import os\nraise OSError('Could not load this library: ' + os.path.join(os.path.dirname(__file__), "
+        "'lib', '_torchaudio.so'))\n")
+    (tmp_path / "torchaudio-2.11.1.dist-info").mkdir()
+    (tmp_path / "torchaudio-2.11.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchaudio\nVersion: 2.11.1\nRequires-Dist: torch>=2.11\n")
+    done = run("doctor", "--json", pythonpath=tmp_path)
+    report = json.loads(done.stdout)
+    check = next(c for c in report["checks"] if c["name"] == "torchaudio")
+    assert "cannot be loaded" in check["detail"] and "_torchaudio.so" in check["detail"], check
+    assert "pip uninstall -y torchaudio" in check["fix"]
+    others = [c for c in report["checks"] if c["name"] != "torchaudio" and c["level"] == "fail"]
+    others += [c for p in report["patches"] for c in p["checks"] if c["level"] == "fail" and c["name"] == "import"]
+    if others:  # something of the stack imports it here (transformers 5): torchaudio is the failure and the cause
+        assert check["level"] == "fail" and done.returncode == 1
+    else:
+        assert check["level"] == "warn"
+    for other in others:
+        assert other["fix"] == "fix torchaudio (its check above)", other
+    advice = " ".join(c["fix"] for c in report["checks"] + [c for p in report["patches"] for c in p["checks"]])
+    assert "reinstall" not in advice and "pip install 'peft" not in advice
 
 
 @pytest.mark.parametrize("version", ["0.21.2", "0.18.0"])
@@ -364,7 +395,7 @@ def test_smoke_trains_with_falling_losses(cli):
     found = losses(result.stdout)
     assert found["text loss"][1] < found["text loss"][0]
     assert found["audio loss"][1] < found["audio loss"][0]
-    assert {s.state for s in higgs_patch.status()} == {"not-applied"}  # it reverts what it applied
+    assert {s.state for s in higgs_patch.status() if s.id not in needed.shims()} == {"not-applied"}  # it reverts what it applied
 
 
 def test_smoke_compare_subprocess_shows_what_the_patches_fix():

@@ -751,6 +751,21 @@ def test_a_name_already_there_is_left_alone_and_the_patch_is_not_needed(declare,
     assert any("(already-there)" in r.getMessage() for r in patch_log.records)
 
 
+def test_a_module_the_package_ships_on_disk_is_left_alone_and_named_by_its_file(declare, upstream_module, patch_log,
+                                                                                tmp_path):
+    """As transformers 5.25 ships modeling_attn_mask_utils again: the reason names the file (before issue 26:
+    '(a submodule on disk from ?)')."""
+    shipped = tmp_path / upstream_module / "modeling_attn_mask_utils.py"
+    shipped.write_text("class AttentionMaskConverter:\n    pass\n")
+    __import__(upstream_module)
+    declare(adds_declaration(
+        f"{upstream_module}:modeling_attn_mask_utils", "higgs_patch.shims.attention_mask_converter:converter_module"))
+    (status,) = higgs_patch.apply("adds-test")
+    assert status.state == "not-needed"
+    assert f"(a submodule on disk: {shipped})" in status.reason and "?" not in status.reason
+    assert f"{upstream_module}.modeling_attn_mask_utils" not in sys.modules  # found, not imported
+
+
 def test_an_added_name_replaced_after_apply_is_left_in_place_on_revert(declare, upstream_module, patch_log):
     addtarget = __import__(upstream_module)
 

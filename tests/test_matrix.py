@@ -24,8 +24,8 @@ PAGE = ROOT / "docs" / "compatibility.md"
 BEGIN = "<!-- tested lines: rendered from compat/matrix.toml; tests/test_matrix.py keeps them equal -->"
 END = "<!-- end of tested lines -->"
 PINNED = ("torch", "transformers", "accelerate", "peft", "wrapt", "boson-multimodal")
-SUITE_WORDS = {"full": "the whole suite (the README's test command)", "core": "the tests marked `core`",
-              "audio": "the tests marked `audio` (the whole loop, boson's audio tokenizer and serve engine)"}
+SUITE_WORDS = {"full": "the whole suite", "core": "the tests marked `core`",
+               "audio": "the tests marked `audio` (the whole loop, boson's audio tokenizer and serve engine)"}
 STACKS = upstream.tested()
 
 
@@ -34,8 +34,9 @@ def render() -> str:
     rows = ["| transformers | peft | torch | accelerate | Python | CI runs |", "| --- | --- | --- | --- | --- | --- |"]
     for stack in STACKS:
         v = stack.versions
+        runs = SUITE_WORDS[stack.suite] + (" (the README's test command)" if stack is STACKS[0] else "")
         rows.append(f"| {v['transformers']} | {v.get('peft', 'not installed')} | {v['torch']} | {v['accelerate']} "
-                    f"| {v['python']} | {SUITE_WORDS[stack.suite]} |")
+                    f"| {v['python']} | {runs} |")
     return "\n".join([BEGIN, *rows, END])
 
 
@@ -80,12 +81,20 @@ def test_ci_reads_the_other_lines_from_the_matrix():
     assert "upstream.tested()" in listed
     runner = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert ".ci/lines.py" in runner and "-m core" in runner
-    first, *others = (stack.versions["transformers"] for stack in STACKS if stack.suite != "audio")
-    said = f"# transformers {first} (the whole suite), {', '.join(others)} (the core tests)"
-    audio = [f"{s.versions['transformers']} on torch {s.versions['torch']}" for s in STACKS if s.suite == "audio"]
-    if audio:
-        said += f"; {', '.join(audio)} (the audio tests)"
+    said = f"# transformers {lines_said()}"
     assert said in runner.splitlines(), f".ci/run's comment on the lines today should read: {said}"
+
+
+def lines_said() -> str:
+    """The tested transformers in order, each run of lines with one suite followed by what it runs."""
+    words = {"full": "the whole suite", "core": "the core tests", "audio": "the audio tests"}
+    runs: list[tuple[str, list[str]]] = []
+    for stack in STACKS:
+        if not runs or runs[-1][0] != stack.suite:
+            runs.append((stack.suite, []))
+        on_torch = f" on torch {stack.versions['torch']}" if stack.suite == "audio" else ""
+        runs[-1][1].append(stack.versions["transformers"] + on_torch)
+    return ", ".join(f"{', '.join(versions)} ({words[suite]})" for suite, versions in runs)
 
 
 @pytest.mark.parametrize("rule", trainer_lines.LINES, ids=[str(rule.versions) for rule in trainer_lines.LINES])

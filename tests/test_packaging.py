@@ -48,18 +48,25 @@ def test_the_plugin_allows_every_guarded_version_the_upstream_allows_and_every_n
 @pytest.mark.core
 def test_installing_the_plugin_with_its_dependencies_moves_nothing_here(tmp_path):
     """What pip would do, offline (--no-index: any requirement this environment does not meet is an error)."""
+    done, installed = dry_run("", tmp_path)
+    assert done.returncode == 0, done.stderr  # e.g. "No matching distribution found for transformers<4.47,>=4.45.1"
+    assert installed == {"higgs-patch"}
+
+
+def dry_run(extras: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """What ``pip install '.<extras>'`` would install here, offline (--no-index: any requirement this environment
+    does not meet is an error): pip's result, and the names its report would install."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").is_file():
         pytest.skip("not run from a source tree")
     report = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), "--no-index",
-         "--no-build-isolation", "--disable-pip-version-check", str(root)],
+         "--no-build-isolation", "--disable-pip-version-check", f"{root}{extras}"],
         capture_output=True, text=True, timeout=300,
     )
-    assert done.returncode == 0, done.stderr  # e.g. "No matching distribution found for transformers<4.47,>=4.45.1"
-    installed = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]}
-    assert installed == {"higgs-patch"}
+    installed = {item["metadata"]["name"] for item in json.loads(report.read_text())["install"]} if done.returncode == 0 else set()
+    return done, installed
 
 
 def test_the_installed_stack_satisfies_the_plugin_as_it_is():
@@ -69,16 +76,36 @@ def test_the_installed_stack_satisfies_the_plugin_as_it_is():
 
 
 def test_the_lora_extra_allows_the_peft_of_every_tested_stack_and_the_tests_run_it():
-    extra = next(
-        Requirement(text) for text in importlib.metadata.requires("higgs-patch")
-        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "lora"})
-    )
+    extra = lora_extra()
     tests = [Requirement(text) for text in importlib.metadata.requires("higgs-patch")
              if Requirement(text).marker and Requirement(text).marker.evaluate({"extra": "test"})]
     assert any(r.name == "higgs-patch" and r.extras == {"lora"} for r in tests)  # the tests run the peft users get
     for stack in upstream.tested():
         peft = stack.versions["peft"]
         assert extra.specifier.contains(peft), f"the [lora] extra excludes peft {peft}, tested on {stack.line}"
+
+
+def lora_extra() -> Requirement:
+    return next(
+        Requirement(text) for text in importlib.metadata.requires("higgs-patch")
+        if Requirement(text).name == "peft" and Requirement(text).marker.evaluate({"extra": "lora"})
+    )
+
+
+def test_the_lora_extra_states_a_floor_only():
+    """An upper bound or a hole would move a user's newer peft (before issue 26: '<=0.21.2' took 0.22.0 down to
+    0.21.2 without a word); which peft breaks with which stack is compat/matrix.toml's, judged by doctor."""
+    extra = lora_extra()
+    assert extra.specifier and all(s.operator in (">=", ">") for s in extra.specifier), f"[lora] is {extra}"
+
+
+@pytest.mark.core
+def test_installing_the_lora_extra_leaves_the_peft_here(tmp_path):
+    """pip install '.[lora]' into this environment, which has peft (every tested line pins one): nothing moves."""
+    done, installed = dry_run("[lora]", tmp_path)
+    peft = importlib.metadata.version("peft")
+    assert done.returncode == 0, f"peft {peft} here: {done.stderr}"  # e.g. "No matching distribution found for peft<=0.21.2"
+    assert installed == {"higgs-patch"}, f"installing '.[lora]' would install or move {sorted(installed - {'higgs-patch'})}"
 
 
 @pytest.mark.core

@@ -52,12 +52,37 @@ def _marks() -> dict[str, str]:
     return MARKS
 
 
+#: The commands that leave the compatibility shims to others. From transformers 4.48 boson_multimodal imports only
+#: with the shims in place first, so the group applies them before every other command starts (smoke, learnability,
+#: memory and fingerprint import the upstream; a new command is safe by default) and leaves them, since the process
+#: ends with the command. doctor imports the upstream unpatched first on purpose, to show what a user meets; list
+#: reads the declarations and imports no torch; run applies the patches in the program it starts.
+SHIMS_ELSEWHERE = frozenset({"doctor", "list", "run"})
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="higgs-patch")
 @click.option("-v", "--verbose", count=True, help="Log what the patches do (-vv: debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Run-time, versioned, reversible patches that make Higgs Audio v2 train under the Trainer."""
     _configure_logging(verbose)
+    if ctx.invoked_subcommand is not None and ctx.invoked_subcommand not in SHIMS_ELSEWHERE:
+        _shims_first()
+
+
+def _shims_first() -> None:
+    """Apply the compatibility shims this stack needs, before the command imports boson_multimodal."""
+    shims = engine.shims_needed()
+    if not shims:
+        return
+    try:
+        engine.apply(*shims)
+    except PatchError as exc:
+        raise click.ClickException(
+            f"boson_multimodal cannot be imported on this stack without {', '.join(shims)}, and they do not apply: "
+            f"{exc}\nhiggs-patch doctor says what is wrong and the fix"
+        ) from None
 
 
 @main.command("list")
@@ -136,7 +161,10 @@ def smoke(steps: int, device: str, compare: bool) -> None:
     )
     ok = True
     if compare:
-        click.echo("Without the patches (upstream as installed):")
+        shims = engine.shims_needed()
+        click.echo("Without the patches (upstream as installed" + (
+            f"; with the {len(shims)} compatibility shims it needs on transformers {transformers.__version__}"
+            if shims else "") + "):")
         try:
             ok &= _show_probes(job.unpatched_probe(device), marks, unpatched=True)
         except RuntimeError as exc:

@@ -1,4 +1,4 @@
-"""attention-mask-converter (transformers 5.24 and later)
+"""attention-mask-converter (transformers 5.24; 5.25 ships the module again)
 
 Symptom: ``ModuleNotFoundError: No module named 'transformers.modeling_attn_mask_utils'`` when
 boson_multimodal's model is imported.
@@ -7,7 +7,8 @@ Cause: boson imports ``AttentionMaskConverter`` from that module at module level
 static helpers in its forward: ``_ignore_causal_mask_sdpa`` (whether SDPA's own causal flag can stand
 in for a mask) and ``_unmask_unattended`` (fully masked rows attend everywhere, for SDPA's
 memory-efficient kernel on CUDA). 5.24 removed the module; its successor (``masking_utils``) has other
-functions, with other arguments.
+functions, with other arguments. 5.25 ships the module again, both helpers included: there the shim
+is not needed (its ``[serves]`` ends before 5.25).
 
 Change: ``transformers.modeling_attn_mask_utils`` exists again, with an ``AttentionMaskConverter``
 holding those two helpers, written here to decide and compute exactly as 4.46's did. Revert removes

@@ -10,6 +10,7 @@ own verdict); :mod:`.render` makes the text.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -43,7 +44,7 @@ def run() -> Report:
         stack.check_python(facts),
         stack.check_platform(facts),
         stack.check_torch(facts, imported),
-        stack.check_torchaudio(facts),
+        stack.check_torchaudio(facts, imported),
         stack.check_required(facts, "transformers", imported),
         stack.check_required(facts, "accelerate", imported),
         peft := stack.check_optional(facts, "peft", "for LoRA"),
@@ -58,7 +59,27 @@ def run() -> Report:
     finally:
         order.undo()
     checks.append(imports.check_tested_line(patches))
+    _name_the_cause(checks, patches)
     return Report(facts, checks, patches, import_seconds, time.perf_counter() - started)
+
+
+def _name_the_cause(checks: list[Check], patches: list[PatchReport]) -> None:
+    """Where a package that cannot load (stack.UNLOADABLE) failed its own check, every other failure it causes
+    points there instead of giving advice of its own (reinstalling boson_multimodal or peft fixes nothing then)."""
+    culprit = next((c for c in checks if c.name == stack.UNLOADABLE and c.level == FAIL), None)
+    if culprit is None:
+        return
+    note = f" (the cause: {stack.UNLOADABLE} cannot be loaded, see its check)"
+    fix = f"fix {stack.UNLOADABLE} (its check above)"
+
+    def blamed(check: Check) -> Check:
+        if check is culprit or check.level != FAIL or not stack.caused_by(check.detail):
+            return check
+        return dataclasses.replace(check, detail=check.detail + note, fix=fix)
+
+    checks[:] = [blamed(check) for check in checks]
+    for patch in patches:
+        patch.checks[:] = [blamed(check) for check in patch.checks]
 
 
 def _unreadable_data() -> list[Check]:

@@ -7,11 +7,13 @@ what compat/matrix.toml knows to work is a failure that names the fix.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
 import sys
 import tempfile
+import traceback
 from typing import Any
 
 import wrapt
@@ -70,8 +72,9 @@ def check_torch(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
     return Check("torch", OK, f"{module.__version__}; {accelerators}")
 
 
-def check_torchaudio(facts: dict[str, Any]) -> Check:
-    """Optional: nothing in higgs-patch uses it, but data pipelines do, and 2.9 cannot do I/O alone."""
+def check_torchaudio(facts: dict[str, Any], imported: dict[str, Any]) -> Check:
+    """Optional: nothing in higgs-patch uses it, but data pipelines do, and 2.9 cannot do I/O alone. One that is
+    installed and cannot load breaks more than audio: transformers 5 imports it whenever it is installed."""
     version = installed_version("torchaudio")
     facts["torchaudio"] = {"installed": version is not None, "version": version, "wav_roundtrip": None}
     if version is None:
@@ -84,8 +87,11 @@ def check_torchaudio(facts: dict[str, Any]) -> Check:
             f"install the torchaudio release made for torch {torch_version}, or uninstall torchaudio",
         )
     try:
-        import torch
         import torchaudio
+    except Exception as exc:  # a build for another torch or CUDA: its extension does not load
+        return _cannot_load(version, torch_version, exc, imported)
+    try:
+        import torch
 
         with tempfile.TemporaryDirectory(prefix="higgs-patch-doctor-") as folder:
             path = os.path.join(folder, "tone.wav")
@@ -97,7 +103,8 @@ def check_torchaudio(facts: dict[str, Any]) -> Check:
         facts["torchaudio"]["wav_roundtrip"] = False
         return Check(
             "torchaudio", OK, f"{version} cannot save and load a WAV file (nothing in higgs-patch or the patched "
-            f"code uses torchaudio): {_audio_io_cause(exc)}", _AUDIO_IO_FIX.format(torch=torch_version),
+            f"code uses torchaudio): {_torchcodec_cause(version)}{_audio_io_cause(exc)}",
+            _AUDIO_IO_FIX.format(torch=torch_version),
         )
     facts["torchaudio"]["wav_roundtrip"] = True
     return Check("torchaudio", OK, f"{version}; saves and loads a WAV file")
@@ -109,6 +116,49 @@ _AUDIO_IO_FIX = (
     "release built for torch {torch} (see torchcodec's compatibility table; the newest one may need CUDA "
     "libraries a CPU machine lacks); or read audio with librosa or soundfile instead"
 )
+
+
+#: What doctor looks for in the failures of other checks, to name the package that cannot load as their cause.
+UNLOADABLE = "torchaudio"
+
+
+def _cannot_load(version: str, torch_version: str | None, exc: BaseException, imported: dict[str, Any]) -> Check:
+    """An installed torchaudio that raises when imported: a failure when some of the stack fails with it."""
+    broken = [name for name, found in imported.items() if isinstance(found, BaseException) and caused_by(found)]
+    fix = (f"pip uninstall -y torchaudio (nothing in higgs-patch, boson's model and collator, or the Trainer needs it), "
+           f"or install the torchaudio built for your torch {torch_version} (each pins the torch it was built for; "
+           "PyPI's newest may be a CUDA build that a CPU torch cannot load, and torch 2.12 and later have none yet)")
+    detail = f"{version} is installed but cannot be loaded: {_audio_io_cause(exc)}"
+    if not broken:
+        return Check("torchaudio", WARN, f"{detail} (nothing imported here fails with it; code that imports it does)", fix)
+    return Check("torchaudio", FAIL, f"{detail}; transformers imports torchaudio whenever it is installed, so "
+                 f"{', '.join(broken)} cannot be imported either", fix)
+
+
+def caused_by(exc: BaseException | str) -> bool:
+    """Whether a failure (an exception, or its text from another interpreter) comes from the installed torchaudio:
+    raised in its files, or naming them."""
+    spec = importlib.util.find_spec(UNLOADABLE) if UNLOADABLE not in sys.modules else sys.modules[UNLOADABLE].__spec__
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        return False
+    seen: set[int] = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__)]
+        if any(f.startswith(folder) for f in files for folder in folders) or any(folder in str(exc) for folder in folders):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return isinstance(exc, str) and any(folder in exc for folder in folders)
+
+
+def _torchcodec_cause(version: str) -> str:
+    """torchaudio >= 2.9 saves and loads through torchcodec: name it, installed or not, as the cause."""
+    if Version(version).release < (2, 9):
+        return ""
+    codec = installed_version("torchcodec")
+    return (f"torchaudio {version} does file I/O through torchcodec, " +
+            (f"and torchcodec {codec} cannot load or run: " if codec else "and torchcodec is not installed: "))
 
 
 def _audio_io_cause(exc: BaseException) -> str:
