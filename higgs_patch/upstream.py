@@ -68,7 +68,7 @@ RELEASE_FIELDS = {"name": str, "origin": str, "targets": dict}
 KNOWN_BAD_FIELDS = {"distribution": str, "works": str, "reason": str, "fix": str, "when": dict}
 MATRIX_FIELDS = {"tested": list, "measured": list, "known-bad": list}  # measured: a session's run on a stack CI does not build
 TESTED_REQUIRED = ("line", "constraints", "suite", "transformers")
-SUITES = ("full", "core", "audio")
+SUITES = ("full", "core", "audio", "native")
 
 
 def _read(name: str, fields: dict[str, type]) -> dict[str, Any]:

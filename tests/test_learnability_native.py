@@ -19,7 +19,7 @@ pytest.importorskip("transformers.models.higgs_audio_v2", reason="transformers' 
 from higgs_patch.commands import learnability_native as check  # noqa: E402
 from higgs_patch.commands import tiny_native  # noqa: E402
 
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.native]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ pytest.importorskip("transformers.models.higgs_audio_v2", reason="transformers' 
 
 from higgs_patch.commands import tiny_native  # noqa: E402
 
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.native]
 NATIVE = ("native-audio-eos", "native-delay-labels", "native-loss", "native-every-parameter", "native-text-head")
 BOSON = importlib.util.find_spec("boson_multimodal") is not None
 VOICE = "say hello <|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"

@@ -18,7 +18,7 @@ pytest.importorskip("transformers.models.higgs_audio_v2", reason="transformers' 
 
 from launch import TIMEOUT, results, torchrun  # noqa: E402
 
-pytestmark = pytest.mark.core
+pytestmark = [pytest.mark.core, pytest.mark.native]
 
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, tempfile
