@@ -10,7 +10,8 @@ from .report import FAIL, OK, WARN, Check
 
 def check_startup_hook(facts: dict[str, Any], value: str | None) -> Check:
     """Whether child processes (spawned workers, launcher ranks, ``higgs-patch run``) can be patched; ``value``:
-    HIGGS_PATCH_ACTIVATE as doctor started (the shims a line needs, applied for the import checks, publish their own)."""
+    HIGGS_PATCH_ACTIVATE as doctor started (the shims a line needs, applied for the import checks, publish
+    their own)."""
     hook = startup.find_hook()
     facts["startup_hook"] = {"path": hook.path, "active": hook.active}
     if value:
