@@ -25,3 +25,12 @@ def shims() -> list[str]:
     """The compatibility shims (implemented in higgs_patch.shims) this stack needs: without them boson_multimodal
     does not import or run here. On the line it was written for (4.46) there are none."""
     return engine.shims_needed()
+
+
+def beyond_shims() -> list:
+    """status() less the shims this stack needs, which conftest keeps applied through every test (none on 4.46):
+    what a test applied or left behind."""
+    shims_here = set(shims())
+    import higgs_patch
+
+    return [s for s in higgs_patch.status() if s.id not in shims_here]

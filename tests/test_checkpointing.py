@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, WhisperFeatureExtractor
 
@@ -226,17 +227,22 @@ def test_other_llama_models_are_not_checkpointed_and_keep_their_own_switch():
     llama, ids = tiny_llama(), torch.randint(0, 64, (2, 12))
     higgs, inputs = model(audio_adapter_type="stack"), batch()
 
-    def llama_calls() -> list[int]:
+    def llama_calls(llama) -> list[int]:
         with attention_calls(llama.model.layers) as calls:
             llama(input_ids=ids, labels=ids).loss.backward()
         return calls
 
+    # what transformers' own checkpointing does to a llama, unpatched: [2, 2] on 4.x, where a recomputed layer
+    # runs its attention again; [1, 1] on 5.x (measured on 5.25), where the pre-hook sees one call per layer
+    unpatched = tiny_llama()
+    unpatched.gradient_checkpointing_enable()
+    own = llama_calls(unpatched)
     with higgs_patch.applied():
         higgs.gradient_checkpointing_enable()
         assert step(higgs, inputs)[3] == [2] * LAYERS
-        assert llama_calls() == [1, 1]
+        assert llama_calls(llama) == [1, 1]
         llama.gradient_checkpointing_enable()
-        assert llama_calls() == [2, 2]  # its own checkpointing, once, not ours on top
+        assert llama_calls(llama) == own  # its own checkpointing, once, not ours on top
 
 
 def test_revert_restores_upstream():
@@ -255,8 +261,15 @@ def test_revert_restores_upstream():
 
 def test_peft_wrapping_a_model_that_already_checkpoints_finds_the_text_embeddings():
     net, inputs = model(), batch()
-    with pytest.raises(NotImplementedError):  # upstream: what PEFT calls when checkpointing is already on
+    # upstream, what PEFT calls when checkpointing is already on: 4.x cannot find the text embeddings (raises);
+    # 5.x finds them itself (its default input-embeddings lookup), so only the plugin's path is tested there
+    if int(transformers.__version__.split(".")[0]) < 5:
+        with pytest.raises(NotImplementedError):
+            net.enable_input_require_grads()
+    else:
         net.enable_input_require_grads()
+        assert net.embed_tokens._forward_hooks
+        net.disable_input_require_grads()
     with higgs_patch.applied():
         net.gradient_checkpointing_enable()
         wrapped = get_peft_model(net, LoraConfig(r=4, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))

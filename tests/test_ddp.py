@@ -87,25 +87,28 @@ SCRIPT = textwrap.dedent("""
     os._exit(0)  # torch 2.13's gloo can abort while the interpreter tears down; the results are on disk
 """)
 
+# transformers' default up to 4.57; 5.x defaults to use_reentrant=False, so the reentrant cases say it
+REENTRANT = {"use_reentrant": True}
 REFERENCE = "find_unused_parameters=True"
 CASES = {
     REFERENCE: {"ddp_find_unused_parameters": True},
     "find_unused_parameters=False": {"ddp_find_unused_parameters": False},
-    "checkpointing (reentrant)": {"gradient_checkpointing": True},
+    "checkpointing (reentrant)": {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": REENTRANT},
     "checkpointing (non-reentrant)": {"gradient_checkpointing": True,
                                       "gradient_checkpointing_kwargs": {"use_reentrant": False}},
     "checkpointing (non-reentrant), find_unused_parameters=True": {
         "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": True},
     "checkpointing (reentrant), find_unused_parameters=True": {
-        "gradient_checkpointing": True, "ddp_find_unused_parameters": True},
+        "gradient_checkpointing": True, "gradient_checkpointing_kwargs": REENTRANT, "ddp_find_unused_parameters": True},
 }
 REFUSED = "checkpointing (reentrant), find_unused_parameters=True"
 LORA_REFERENCE = "LoRA, find_unused_parameters=True"
 CASES.update({
     LORA_REFERENCE: {"lora": True, "ddp_find_unused_parameters": True},
     "LoRA, checkpointing (reentrant), find_unused_parameters=False": {
-        "lora": True, "gradient_checkpointing": True, "ddp_find_unused_parameters": False},
+        "lora": True, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": REENTRANT,
+        "ddp_find_unused_parameters": False},
 })
 
 

@@ -71,10 +71,11 @@ def test_patched_objects_pickle_and_unpickle():
 
 
 SPAWN_SCRIPT = """
-import json, torch, tiny
+import json, torch
 from torch.utils.data import DataLoader
 
 def batches(workers):
+    import tiny  # boson_multimodal: after apply() (from 4.48 it imports only with the shims in place)
     loader = DataLoader(tiny.samples(8, reference=None), batch_size=2, num_workers=workers,
                         collate_fn=tiny.collator(return_audio_in_tokens=False),
                         multiprocessing_context="spawn" if workers else None)

@@ -7,6 +7,7 @@ upstream makes it not installed, and an edited copy of the upstream is imported 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,7 +86,8 @@ def test_a_version_conflict_gives_the_pip_command_first_and_forcing_it_says_what
     assert fix < force  # the fix first
     assert "can train wrong without any error" in message
     # the others are named as still applicable, and nothing of the call is applied
-    others = [d.id for d in DEFAULTS if d not in conflicting]
+    # a shim serves transformers from 4.48 (or later) on: off the line the fake 4.45.2 says is installed
+    others = [d.id for d in DEFAULTS if d not in conflicting and not d.shim]
     assert "trainer-compute-loss" not in others and len(others) >= 3
     assert f"can still be applied by id: higgs_patch.apply({', '.join(map(repr, others))})" in message
     assert set(refused["states"].values()) - {"not-needed"} == {"not-applied"} | {"incompatible"}  # shims off this line
@@ -124,6 +126,8 @@ def edited_collator(tmp_path_factory, copy_upstream_with_edit) -> Path:
 
 def test_an_edited_upstream_names_the_module_view_and_the_patches_that_still_apply(edited_collator):
     imports = "import boson_multimodal.data_collator.higgs_audio_collator, boson_multimodal.model.higgs_audio.modeling_higgs_audio"
+    if needed.shims():  # boson imports on this line only with its shims applied first, as users must
+        imports = f"higgs_patch.apply(*{needed.shims()!r}); {imports}"
     found, _ = report(REPORT.format(imports=imports, arguments=""), pythonpath=edited_collator)
     message = found["outcome"]
     assert "patch 'device-tensor-factory' refused" in message
@@ -164,7 +168,10 @@ def test_doctor_without_the_upstream_gives_one_fix_everywhere(without_upstream):
     code = "import sys; from higgs_patch.commands.cli import main; sys.argv = ['higgs-patch', 'doctor', '--json']; main()"
     done = python(code, pythonpath=without_upstream, flags=("-S",))
     report_ = json.loads(done.stdout)
-    assert done.returncode == 1
+    # where transformers has its own Higgs Audio v2 (5.3 on), that is served: boson missing is a warning there
+    native = importlib.util.find_spec("transformers.models.higgs_audio_v2") is not None
+    assert done.returncode == (0 if native else 1)
+    assert [c["level"] for c in report_["checks"] if c["name"] == "boson_multimodal"] == ["warn" if native else "fail"]
     fixes = [c["fix"] for c in report_["checks"] if c["name"] == "boson_multimodal"]
     fixes += [c["fix"] for p in report_["patches"] for c in p["checks"] if c["level"] != "ok" and c["fix"]]
     assert fixes and set(fixes) == {BOSON_FIX}

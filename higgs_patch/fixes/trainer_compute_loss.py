@@ -291,9 +291,9 @@ def _refuse_what_ddp_cannot_run(model: Any) -> None:
         return
     if any(getattr(m, "gradient_checkpointing", False) is True and _reentrant(m) for m in model.modules()):
         raise ValueError(
-            "gradient checkpointing with use_reentrant=True (transformers' default) cannot run under DDP with "
-            "ddp_find_unused_parameters=True: DDP would take the checkpointed layers' parameters for unused, then "
-            "see their gradients (RuntimeError: Expected to mark a variable ready only once). With higgs-patch "
+            "gradient checkpointing with use_reentrant=True (transformers' default before 5.0) cannot run under DDP "
+            "with ddp_find_unused_parameters=True: DDP would take the checkpointed layers' parameters for unused, "
+            "then see their gradients (RuntimeError: Expected to mark a variable ready only once). With higgs-patch "
             "every parameter of a Higgs Audio model takes part in every step, so set ddp_find_unused_parameters=False "
             "(the Trainer's choice for a bare model with checkpointing; a PEFT model needs it said), or pass "
             "gradient_checkpointing_kwargs={'use_reentrant': False}"

@@ -11,10 +11,11 @@ own verdict); :mod:`.render` makes the text.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
-from ... import engine, install_advice, upstream
+from ... import engine, environment, install_advice, upstream
 from ...errors import PatchError
 from . import hook, imports, lora, origin, stack
 from .patches import check_patch
@@ -27,6 +28,7 @@ __all__ = ["FAIL", "OK", "SCHEMA", "WARN", "Check", "PatchReport", "Report", "on
 def run() -> Report:
     """Import the stack and every patch's module, check them, dry-run the patches; change nothing."""
     facts: dict[str, Any] = {}
+    given = os.environ.get(environment.ACTIVATE)  # as started: the shims applied below publish their own
     unreadable = _unreadable_data()
     if unreadable:  # every other check reads this data: report the file, check nothing else
         return Report(facts, [stack.check_python(facts), stack.check_platform(facts), *unreadable], [])
@@ -52,7 +54,7 @@ def run() -> Report:
         stack.check_wrapt(facts),
         origin.check_upstream(facts, imported),
         order.check,
-        hook.check_startup_hook(facts),
+        hook.check_startup_hook(facts, given),
     ]
     try:
         patches = [check_patch(d, imported) for d in declarations]

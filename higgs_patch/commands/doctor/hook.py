@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ... import environment, startup
 from .report import FAIL, OK, WARN, Check
 
 
-def check_startup_hook(facts: dict[str, Any]) -> Check:
-    """Whether child processes (spawned workers, launcher ranks, ``higgs-patch run``) can be patched."""
+def check_startup_hook(facts: dict[str, Any], value: str | None) -> Check:
+    """Whether child processes (spawned workers, launcher ranks, ``higgs-patch run``) can be patched; ``value``:
+    HIGGS_PATCH_ACTIVATE as doctor started (the shims a line needs, applied for the import checks, publish
+    their own)."""
     hook = startup.find_hook()
     facts["startup_hook"] = {"path": hook.path, "active": hook.active}
-    value = os.environ.get(environment.ACTIVATE)
     if value:
         try:
             environment.decode(value)
