@@ -15,6 +15,8 @@ import random
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -120,6 +122,10 @@ SHORT_WINDOW = dict(samples=5, per_device_train_batch_size=1, gradient_accumulat
 
 
 @pytest.mark.core
+@pytest.mark.skipif(
+    Version("4.47") <= Version(transformers.__version__) < Version("4.57"),
+    reason="not established between 4.47 and 4.56: 4.47.1 counts 3 updates an epoch yet resumes step 1 two "
+           "micro-batches early (measured); measured exact on 4.57.6 and 5.x, as documented on 4.46")
 def test_resume_where_an_epoch_ends_in_a_short_window_is_exact_unless_the_line_miscounts_its_updates(tmp_path):
     """transformers 4.46 counts an epoch's updates as 5 // 2 = 2 while its loop makes 3 (the short window
     steps too): resuming from step s it skips s // 2 epochs and (s % 2) * 2 micro-batches, so from step 2
