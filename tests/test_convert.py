@@ -96,6 +96,16 @@ def boson_and_native_logits(boson, native, text: torch.Tensor, codes: torch.Tens
         return ours.logits, native.text_lm_head(hidden), ours.audio_logits, audio
 
 
+def assert_same_logits(boson, native, *, seed: int, vocabulary: int, tokens: int, frames: int) -> None:
+    """Text and audio logits of the two formats agree within 1e-5 on random text and audio-out codes."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, vocabulary, (tokens,), generator=generator)
+    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, frames), generator=generator)
+    ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson, native, text, codes)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
+
+
 @pytest.mark.core
 @needs_native
 def test_converts_the_released_layout_to_native_with_equal_logits_and_back_bitwise(tmp_path):
@@ -258,12 +268,7 @@ def test_carries_over_the_released_rope_settings_as_its_config_json_writes_them(
     higgs_patch.convert(source, tmp_path / "native")
     native = load_native(tmp_path / "native")
     assert native.config.rope_parameters == {**rope, "rope_theta": 500000.0}
-    generator = torch.Generator().manual_seed(2)
-    text_ids = torch.randint(1, 200, (40,), generator=generator)
-    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 9), generator=generator)
-    ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text_ids, codes)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
+    assert_same_logits(boson.eval(), native, seed=2, vocabulary=200, tokens=40, frames=9)
 
 
 @pytest.mark.core
@@ -283,12 +288,8 @@ def test_merges_the_halves_of_a_partially_frozen_embedding_and_text_head(tmp_pat
                                 "audio_decoder_proj.text_lm_head.linear_trainable.weight"),
     }
     native = load_native(tmp_path / "native")
-    generator = torch.Generator().manual_seed(3)
-    text = torch.randint(1, 250, (12,), generator=generator)  # tokens on both sides of the split
-    codes = torch.randint(0, tiny.CODEBOOK_SIZE + 2, (tiny.CODEBOOKS, 5), generator=generator)
-    ours, theirs, ours_audio, theirs_audio = boson_and_native_logits(boson.eval(), native, text, codes)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
-    torch.testing.assert_close(theirs_audio, ours_audio, rtol=0, atol=1e-5)
+    # tokens on both sides of the split
+    assert_same_logits(boson.eval(), native, seed=3, vocabulary=250, tokens=12, frames=5)
 
 
 @pytest.mark.core
